@@ -1,0 +1,319 @@
+"""Compiled inner loops of the factorization machine (numba, nopython).
+
+Everything here works on already-encoded samples in CSR form: ``rows[offsets[s]:offsets[s+1]]`` are
+the parameter rows of sample ``s`` (``-1``: a feature the model does not hold) and ``vals`` their
+x values. The Python side (``model.py``) owns the key index; these kernels own the arithmetic.
+
+Notation follows Rendle (2010) and the reference (``shared/reference``): for one sample,
+``s_f = sum_i v_if x_i`` and
+
+    y_hat = w0 + sum_i w_i x_i + 1/2 sum_f (s_f^2 - sum_i v_if^2 x_i^2)          (eq. 8)
+    d y_hat / d v_if = x_i s_f - v_if x_i^2                                       (eq. 12)
+
+and the logistic loss L = -ln sigma(y y_hat), y in {-1, +1}, is *descended*:
+theta <- theta - lr * dL/dtheta with dL/dy_hat = -y (1 - sigma(y y_hat)).
+
+A row whose ``last`` stamp is -1 has never been trained ("untouched"): it is invisible to
+prediction, and while learning the prediction reported for a sample excludes such rows, so that
+``learn_batch`` reports exactly what ``predict_proba_one`` would have said before the update.
+The gradient does include them: their fresh latent vectors are real parameters of y_hat.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+
+__all__ = [
+    "OPT_ADAGRAD",
+    "OPT_SGD",
+    "init_rows",
+    "learn",
+    "predict",
+]
+
+OPT_SGD = 0
+OPT_ADAGRAD = 1
+
+# hyper-parameter vector layout (one array keeps the numba call cheap)
+HP_LR, HP_L2W, HP_L2V, HP_CLIP, HP_EPS = range(5)
+
+_DBL_MAX = np.finfo(np.float64).max
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+@nb.njit(cache=True, error_model="numpy", inline="always")
+def _splitmix64(state):
+    """One step of splitmix64: returns (new state, 64 random bits)."""
+    state = state + _GOLDEN
+    z = state
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return state, z ^ (z >> np.uint64(31))
+
+
+@nb.njit(cache=True, error_model="numpy")
+def init_rows(V, rows, seeds, std):
+    """Fill ``V[rows[i]]`` with N(0, std) draws that depend only on ``seeds[i]``.
+
+    The seed of a row is a hash of (model seed, feature key), so a feature's initial latent
+    vector never depends on the order in which features arrive (Box-Muller over splitmix64).
+    """
+    k = V.shape[1]
+    two_pi = 2.0 * math.pi
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        state = seeds[i]
+        f = 0
+        while f < k:
+            state, a = _splitmix64(state)
+            state, b = _splitmix64(state)
+            u1 = (float(a >> np.uint64(11)) + 1.0) * (1.0 / 9007199254740992.0)  # (0, 1]
+            u2 = float(b >> np.uint64(11)) * (1.0 / 9007199254740992.0)  # [0, 1)
+            radius = math.sqrt(-2.0 * math.log(u1))
+            V[r, f] = std * radius * math.cos(two_pi * u2)
+            if f + 1 < k:
+                V[r, f + 1] = std * radius * math.sin(two_pi * u2)
+            f += 2
+
+
+@nb.njit(cache=True, error_model="numpy", inline="always")
+def _sigmoid(z):
+    if z >= 0.0:
+        return 1.0 / (1.0 + math.exp(-z))
+    e = math.exp(z)
+    return e / (1.0 + e)
+
+
+@nb.njit(cache=True, error_model="numpy", inline="always")
+def _proba(z):
+    # NaN only arises when extreme inputs overflow the sums; say "no idea" rather than NaN
+    if z != z:
+        return 0.5
+    return _sigmoid(z)
+
+
+@nb.njit(cache=True, error_model="numpy", inline="always")
+def _dloss(y, z):
+    """dL/dy_hat of L = -ln sigma(y z) for y in {-1, +1}: -y sigma(-y z), without overflow."""
+    m = y * z
+    if m >= 0.0:
+        e = math.exp(-m)
+        return -y * e / (1.0 + e)
+    return -y / (1.0 + math.exp(m))
+
+
+@nb.njit(cache=True, error_model="numpy", inline="always")
+def _clip(g, c):
+    # min/max compile to branch-free instructions (the factor loop vectorises); NaN stays NaN
+    return min(max(g, -c), c)
+
+
+@nb.njit(cache=True, error_model="numpy", inline="always")
+def _all_finite(a, n):
+    """True if the first n values of C-contiguous ``a`` are finite (an OR-reduction that vectorises)."""
+    flat = a.reshape(-1)
+    bad = False
+    for i in range(n):
+        bad |= not (abs(flat[i]) <= _DBL_MAX)
+    return not bad
+
+
+@nb.njit(cache=True, error_model="numpy", inline="always")
+def _gather(rows, vals, a, b, last, learning, out_r, out_x, out_new):
+    """Copy sample entries into scratch: drop unknown rows, merge repeated rows (x summed).
+
+    Repeats happen with multi-hot duplicates, hash collisions or colliding keys; merging them
+    gives each parameter row one gradient and one optimizer step per sample.
+    """
+    m = 0
+    for e in range(a, b):
+        r = rows[e]
+        if r < 0:
+            continue
+        untouched = last[r] == -1
+        if untouched and not learning:
+            continue
+        x = vals[e]
+        dup = -1
+        for j in range(m):
+            if out_r[j] == r:
+                dup = j
+                break
+        if dup >= 0:
+            out_x[dup] += x
+            continue
+        out_r[m] = r
+        out_x[m] = x
+        out_new[m] = untouched
+        m += 1
+    return m
+
+
+@nb.njit(cache=True, error_model="numpy", inline="always")
+def _raw(cr, cx, m, w, V, sums):
+    """y_hat - w0 over scratch entries ``0..m-1`` (eq. 8); leaves s_f in ``sums``."""
+    k = V.shape[1]
+    lin = 0.0
+    sq = 0.0
+    sums[:] = 0.0
+    for j in range(m):
+        r = cr[j]
+        x = cx[j]
+        lin += w[r] * x
+        for f in range(k):
+            vx = V[r, f] * x
+            sums[f] += vx
+            sq += vx * vx
+    inter = 0.0
+    for f in range(k):
+        inter += sums[f] * sums[f]
+    return lin + 0.5 * (inter - sq)
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _raw_old(cr, cx, cnew, m, w, V):
+    """Like ``_raw`` over the entries that are not new (a rare second pass)."""
+    k = V.shape[1]
+    sums = np.zeros(k, np.float64)
+    lin = 0.0
+    sq = 0.0
+    for j in range(m):
+        if cnew[j]:
+            continue
+        r = cr[j]
+        x = cx[j]
+        lin += w[r] * x
+        for f in range(k):
+            vx = V[r, f] * x
+            sums[f] += vx
+            sq += vx * vx
+    inter = 0.0
+    for f in range(k):
+        inter += sums[f] * sums[f]
+    return lin + 0.5 * (inter - sq)
+
+
+@nb.njit(cache=True, error_model="numpy")
+def predict(rows, vals, offsets, bias, w, V, last, out):
+    """out[s] = sigma(y_hat(sample s)) for every sample; reads the model, never writes it."""
+    k = V.shape[1]
+    n = offsets.shape[0] - 1
+    width = 1
+    for s in range(n):
+        width = max(width, offsets[s + 1] - offsets[s])
+    cr = np.empty(width, np.int64)
+    cx = np.empty(width, np.float64)
+    cnew = np.empty(width, np.bool_)
+    sums = np.empty(k, np.float64)
+    for s in range(n):
+        m = _gather(rows, vals, offsets[s], offsets[s + 1], last, False, cr, cx, cnew)
+        out[s] = _proba(bias[0] + _raw(cr, cx, m, w, V, sums))
+
+
+@nb.njit(cache=True, error_model="numpy")
+def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last, out, counts):
+    """Sequential SGD/AdaGrad over samples ``0..n-1``, one sample at a time.
+
+    ``out[s]`` receives the probability predicted for sample s before its own update (untouched
+    rows excluded, as in ``predict``). ``counts[0]`` += updates skipped because they would have
+    left a non-finite value in the model; ``counts[1]`` += rows trained for the first time.
+    Every updated row is stamped ``last[r] = step0 + s`` (least-recently-updated eviction).
+    """
+    k = V.shape[1]
+    n = offsets.shape[0] - 1
+    lr = hp[HP_LR]
+    l2w = hp[HP_L2W]
+    l2v = hp[HP_L2V]
+    clip = hp[HP_CLIP]
+    eps = hp[HP_EPS]
+    adagrad = opt == OPT_ADAGRAD
+    width = 1
+    for s in range(n):
+        width = max(width, offsets[s + 1] - offsets[s])
+    cr = np.empty(width, np.int64)
+    cx = np.empty(width, np.float64)
+    cnew = np.empty(width, np.bool_)
+    new_w = np.empty(width, np.float64)
+    new_gw = np.empty(width, np.float64)
+    new_V = np.empty((width, k), np.float64)
+    new_gV = np.empty((width, k), np.float64)
+    sums = np.empty(k, np.float64)
+    for s in range(n):
+        m = _gather(rows, vals, offsets[s], offsets[s + 1], last, True, cr, cx, cnew)
+        w0 = bias[0]
+        y_hat = w0 + _raw(cr, cx, m, w, V, sums)
+        any_new = False
+        for j in range(m):
+            any_new |= cnew[j]
+        if any_new:
+            # what predict_proba_one would have said: rows never trained do not count yet
+            out[s] = _proba(w0 + _raw_old(cr, cx, cnew, m, w, V))
+        else:
+            out[s] = _proba(y_hat)
+
+        if not math.isfinite(y_hat):
+            counts[0] += 1
+            continue
+        g = _dloss(2.0 * labels[s] - 1.0, y_hat)
+
+        # Compute every new value first and commit only if all are finite, so that no sample
+        # can leave NaN/inf in the model, whatever its inputs or the learning rate.
+        g0 = _clip(g, clip)
+        if adagrad:
+            new_g0 = bias[1] + g0 * g0
+            new_w0 = w0 - lr * g0 / math.sqrt(new_g0 + eps)
+        else:
+            new_g0 = bias[1]
+            new_w0 = w0 - lr * g0
+        for j in range(m):
+            r = cr[j]
+            x = cx[j]
+            xx = x * x
+            wr = w[r]
+            gr = _clip(g * x + l2w * wr, clip)
+            if adagrad:
+                acc = gw[r] + gr * gr
+                nw = wr - lr * gr / math.sqrt(acc + eps)
+                new_gw[j] = acc
+                for f in range(k):
+                    v = V[r, f]
+                    gv = _clip(g * (x * sums[f] - v * xx) + l2v * v, clip)
+                    a2 = gV[r, f] + gv * gv
+                    nv = v - lr * gv / math.sqrt(a2 + eps)
+                    new_gV[j, f] = a2
+                    new_V[j, f] = nv
+            else:
+                nw = wr - lr * gr
+                for f in range(k):
+                    v = V[r, f]
+                    nv = v - lr * _clip(g * (x * sums[f] - v * xx) + l2v * v, clip)
+                    new_V[j, f] = nv
+            new_w[j] = nw
+        finite = _all_finite(new_V, m * k) and _all_finite(new_w, m) and math.isfinite(new_w0)
+        if adagrad:
+            finite = finite and _all_finite(new_gV, m * k) and _all_finite(new_gw, m)
+            finite = finite and math.isfinite(new_g0)
+        if not finite:
+            counts[0] += 1
+            continue
+
+        stamp = step0 + s
+        bias[0] = new_w0
+        bias[1] = new_g0
+        for j in range(m):
+            r = cr[j]
+            if cnew[j]:
+                counts[1] += 1
+            last[r] = stamp
+            w[r] = new_w[j]
+            for f in range(k):
+                V[r, f] = new_V[j, f]
+            if adagrad:
+                gw[r] = new_gw[j]
+                for f in range(k):
+                    gV[r, f] = new_gV[j, f]

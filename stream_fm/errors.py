@@ -1,0 +1,40 @@
+"""The exception hierarchy: everything stream-fm raises on purpose derives from StreamFMError."""
+
+from __future__ import annotations
+
+__all__ = ["ConfigError", "FeatureError", "LabelError", "StreamFMError"]
+
+
+class StreamFMError(Exception):
+    """Root of every error stream-fm raises deliberately."""
+
+
+class ConfigError(StreamFMError, ValueError):
+    """A setting is missing, of the wrong type or out of range.
+
+    ``key`` names the setting, ``value`` is what was given and ``allowed`` says what would be accepted.
+    """
+
+    def __init__(self, key: str, value: object, allowed: str) -> None:
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"{key}={value!r} is not allowed: expected {allowed}")
+
+
+class FeatureError(StreamFMError, ValueError):
+    """A sample's feature cannot be encoded; ``field`` names it.
+
+    ``index`` is the sample's position when it came from a batch, else None.
+    """
+
+    def __init__(self, field: object, reason: str, index: int | None = None) -> None:
+        self.field, self.reason, self.index = field, reason, index
+        where = "" if index is None else f"sample {index}: "
+        super().__init__(f"{where}feature {field!r}: {reason}")
+
+
+class LabelError(StreamFMError, ValueError):
+    """A label is not one of False/True/0/1."""
+
+    def __init__(self, label: object) -> None:
+        self.label = label
+        super().__init__(f"label {label!r} is not allowed: expected a bool or 0/1")

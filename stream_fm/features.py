@@ -1,0 +1,144 @@
+"""Feature encoding: one sample dict -> the parameter rows and x values of its features.
+
+The rules (the same for learning, serving and every source):
+
+- ``"ad": "a17"``           -> key ``ad=a17``, x = 1 (one-hot)
+- ``"price": 3.5``          -> key ``price``, x = 3.5 (must be finite)
+- ``"mobile": True``        -> key ``mobile``, x = 1 (``False`` is x = 0, i.e. absent)
+- ``"genres": ["a", "b"]``  -> keys ``genres=a``, ``genres=b``, x = 1 each (multi-hot)
+
+Zero values are dropped: a feature with x = 0 contributes nothing to an FM, and storing it would
+only spend memory. Anything else (None, NaN, +-inf, nested dicts, lists of non-strings, non-string
+field names) raises :class:`~stream_fm.errors.FeatureError` naming the field, which the worker
+counts and dead-letters as a bad event.
+
+This loop runs for every feature of every sample, so it is written for CPython's speed: exact
+``type(...) is`` checks for the common types first, ``isinstance`` only on the rare slow path.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from stream_fm.errors import FeatureError
+
+__all__ = ["ALLOWED", "encode_into", "keys_of"]
+
+ALLOWED = "a str, a finite int/float, a bool, or a list/tuple of str"
+
+Lookup = Callable[[str, int], int]
+
+
+def encode_into(
+    x: Mapping[str, Any],
+    lookup: Lookup,
+    rows: list[int],
+    vals: list[float],
+    misses: list[tuple[int, str]],
+) -> None:
+    """Append sample ``x``'s features to ``rows``/``vals``; unknown keys also go to ``misses``.
+
+    ``lookup(key, -1)`` gives a key's parameter row (``dict.get`` of the model's index, or the
+    hash in hashing mode); a key it does not know gets row -1 and ``(position, key)`` is added to
+    ``misses``, so that the learner can admit it. Looking keys up while parsing, instead of
+    building a list of keys first, saves a pass over every feature of every sample.
+
+    Raises :class:`FeatureError` (a ``ValueError``) naming the offending field. On error the lists
+    may hold a partial sample: callers that must stay atomic truncate them.
+    """
+    if type(x) is not dict and not isinstance(x, Mapping):
+        raise FeatureError("<sample>", f"a sample must be a dict of features, got {type(x).__name__}")
+    add_row, add_val = rows.append, vals.append
+    field: Any = "<sample>"
+    try:
+        for field, value in x.items():
+            t = type(value)
+            if t is str:
+                key = field + "=" + value  # TypeError here when the field name is not a str
+                x_val = 1.0
+            elif t is float:
+                if value - value != 0.0:  # NaN and +-inf in one comparison
+                    raise FeatureError(field, f"value {value!r} is not finite")
+                if not value:
+                    continue
+                key, x_val = _numeric_key(field), value
+            elif t is bool:
+                if not value:
+                    continue
+                key, x_val = _numeric_key(field), 1.0
+            elif t is int:
+                if not value:
+                    continue
+                key, x_val = _numeric_key(field), _int_to_float(field, value)
+            elif t is list or t is tuple:
+                prefix = field + "="
+                for item in value:
+                    if type(item) is not str:
+                        raise FeatureError(
+                            field, f"a list must hold only strings, found {type(item).__name__}"
+                        )
+                    key = prefix + item
+                    row = lookup(key, -1)
+                    if row < 0:
+                        misses.append((len(rows), key))
+                    add_row(row)
+                    add_val(1.0)
+                continue
+            else:
+                key, x_val = _parse_other(field, value)
+                if key is None:
+                    continue
+            row = lookup(key, -1)
+            if row < 0:
+                misses.append((len(rows), key))
+            add_row(row)
+            add_val(x_val)
+    except TypeError as e:
+        raise FeatureError(field, f"field names must be strings ({e})") from None
+
+
+def keys_of(x: Mapping[str, Any]) -> list[tuple[str, float]]:
+    """The (key, x) pairs a sample encodes to, in order: the encoding rules, for people.
+
+    >>> keys_of({"ad": "a17", "price": 3.5, "genres": ["Drama", "War"], "mobile": False})
+    [('ad=a17', 1.0), ('price', 3.5), ('genres=Drama', 1.0), ('genres=War', 1.0)]
+    """
+    rows: list[int] = []
+    vals: list[float] = []
+    misses: list[tuple[int, str]] = []
+    encode_into(x, lambda key, default: default, rows, vals, misses)
+    return [(key, vals[pos]) for pos, key in misses]
+
+
+def _numeric_key(field: Any) -> str:
+    if type(field) is not str:
+        raise FeatureError(field, f"field names must be strings, got {type(field).__name__}")
+    return field
+
+
+def _int_to_float(field: str, value: int) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        raise FeatureError(field, f"integer {value} is too large for a float") from None
+
+
+def _parse_other(field: str, value: Any) -> tuple[str | None, float]:
+    """The slow path: str/number subclasses and numpy scalars, or a clear error."""
+    if isinstance(value, str):
+        return field + "=" + str(value), 1.0
+    if isinstance(value, (numbers.Real, np.bool_)):
+        try:
+            v = float(value)
+        except (OverflowError, TypeError, ValueError):
+            raise FeatureError(field, f"value {value!r} is not a finite number") from None
+        if not math.isfinite(v):
+            raise FeatureError(field, f"value {value!r} is not finite")
+        return (_numeric_key(field), v) if v else (None, 0.0)
+    kind = "None" if value is None else type(value).__name__
+    raise FeatureError(field, f"unsupported value of type {kind}: expected {ALLOWED}")

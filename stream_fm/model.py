@@ -1,0 +1,598 @@
+"""SparseFM: an online degree-2 factorization machine for click-through rate, keyed by feature.
+
+Parameters live in growable numpy slabs (``w``, ``V`` and the optimizer's state), one row per
+feature; a dict maps each feature key (``"ad=a17"``) to its row. The Python side encodes samples
+and manages rows; the arithmetic runs in compiled kernels (``_kernels.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import sys
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from river import base
+
+from stream_fm import _kernels
+from stream_fm.errors import ConfigError, FeatureError, LabelError
+from stream_fm.features import encode_into
+
+__all__ = ["SparseFM"]
+
+_OPTIMIZERS = {"sgd": _kernels.OPT_SGD, "adagrad": _kernels.OPT_ADAGRAD}
+_ADAGRAD_EPS = 1e-8
+_STATE_FORMAT = 1
+_UNTOUCHED = -1
+
+# (rows, x values, CSR offsets, (position, key) of keys the index lacks)
+_Encoded = tuple[list[int], list[float], list[int], list[tuple[int, str]]]
+
+
+class SparseFM(base.Classifier):
+    """Online factorization machine for binary labels (clicks), trained by per-sample SGD.
+
+    The model (Rendle, 2010) is ``y_hat = w0 + sum_i w_i x_i + sum_{i<j} <v_i, v_j> x_i x_j``,
+    computed in O(k * nnz) over the sample's non-zero features, and ``p = sigma(y_hat)``. Each
+    sample descends the log loss once, in arrival order.
+
+    Parameters
+    ----------
+    n_factors
+        Dimension k of the latent vectors. 1 to 256.
+    optimizer
+        ``"adagrad"`` (a per-parameter rate ``learning_rate / sqrt(sum g^2)``: frequent features
+        slow down, rare ones keep learning, which suits Zipf-distributed ids) or ``"sgd"``
+        (a constant rate: the reference's algorithm).
+    learning_rate
+        Step size, > 0.
+    l2_w, l2_v
+        L2 penalties on the linear weights and on the latent vectors, >= 0, applied (lazily) to
+        the rows a sample touches.
+    init_std
+        Standard deviation of a new feature's latent vector, >= 0. The vector is drawn from a
+        hash of (``seed``, feature key), never from arrival order: seeded runs are bit-for-bit
+        reproducible and replicas initialise a feature identically.
+    clip_gradient
+        Each gradient component is clipped to ``[-clip_gradient, clip_gradient]``, > 0.
+    max_features
+        Keep at most this many features (``None``: unbounded). When full, the least recently
+        updated 1/64 of the rows is evicted at once (amortised O(1) per insertion).
+    min_count
+        A feature is stored only once seen in this many learned samples (1: at once). Sightings
+        of not-yet-admitted keys are counted in a table of at most ``admission_capacity`` keys;
+        when it fills up, the older half is forgotten.
+    admission_capacity
+        Bound of the admission counting table, >= 1.
+    hash_bits
+        If set (1 to 30), features are hashed (CRC-32, seeded) into ``2**hash_bits`` rows that
+        are allocated up front: fixed memory, no keys stored, collisions share a row.
+    seed
+        Seed for the latent initialisation (and the hash), an int >= 0.
+
+    Attributes
+    ----------
+    samples_seen
+        Samples learned (including those whose update was skipped).
+    n_features
+        Features with a trained row (hashing mode: rows trained at least once).
+    n_evicted, n_rejected, n_skipped
+        Rows evicted by ``max_features``; sightings of features not (yet) admitted by
+        ``min_count``; updates skipped because they would have left NaN/inf in the model.
+
+    Examples
+    --------
+    >>> from stream_fm import SparseFM
+    >>> m = SparseFM(n_factors=4, seed=0)
+    >>> for _ in range(30):
+    ...     m.learn_one({"user": "alice", "ad": "shoes"}, True)
+    ...     m.learn_one({"user": "alice", "ad": "cars"}, False)
+    >>> m.predict_one({"user": "alice", "ad": "shoes"}), m.predict_one({"user": "alice", "ad": "cars"})
+    (True, False)
+    >>> m.samples_seen, m.n_features
+    (60, 3)
+    """
+
+    def __init__(
+        self,
+        n_factors: int = 8,
+        optimizer: str = "adagrad",
+        learning_rate: float = 0.05,
+        l2_w: float = 0.0,
+        l2_v: float = 1e-4,
+        init_std: float = 0.05,
+        clip_gradient: float = 100.0,
+        max_features: int | None = None,
+        min_count: int = 1,
+        admission_capacity: int = 1_000_000,
+        hash_bits: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.n_factors = _check_int("n_factors", n_factors, 1, 256)
+        if optimizer not in _OPTIMIZERS:
+            raise ConfigError("optimizer", optimizer, f"one of {sorted(_OPTIMIZERS)}")
+        self.optimizer = optimizer
+        self.learning_rate = _check_float("learning_rate", learning_rate, positive=True)
+        self.l2_w = _check_float("l2_w", l2_w)
+        self.l2_v = _check_float("l2_v", l2_v)
+        self.init_std = _check_float("init_std", init_std)
+        self.clip_gradient = _check_float("clip_gradient", clip_gradient, positive=True)
+        self.max_features = None if max_features is None else _check_int("max_features", max_features, 1)
+        self.min_count = _check_int("min_count", min_count, 1)
+        self.admission_capacity = _check_int("admission_capacity", admission_capacity, 1)
+        self.hash_bits = None if hash_bits is None else _check_int("hash_bits", hash_bits, 1, 30)
+        self.seed = _check_int("seed", seed, 0, 2**63 - 1)
+        if self.hash_bits is not None and (self.max_features is not None or self.min_count > 1):
+            raise ConfigError(
+                "hash_bits",
+                hash_bits,
+                "None when max_features or min_count > 1 is set (hashing already fixes memory)",
+            )
+
+        self._opt = _OPTIMIZERS[optimizer]
+        self._hp = np.array([self.learning_rate, self.l2_w, self.l2_v, self.clip_gradient, _ADAGRAD_EPS])
+        self._seed_key = self.seed.to_bytes(8, "little")
+        self._hash_salt = zlib.crc32(self._seed_key)
+        self._mask = (1 << self.hash_bits) - 1 if self.hash_bits is not None else 0
+        self._counts = np.zeros(2, np.int64)  # [skipped, newly trained rows]: written by kernels
+        self.samples_seen = 0
+        self.n_evicted = 0
+        self.n_rejected = 0
+        self._bias = np.zeros(2)  # [w0, AdaGrad accumulator of w0]
+        self._index: dict[str, int] = {}
+        self._keys: list[str | None] = []  # row -> key, None for a free row
+        self._free: list[int] = []
+        self._pending: dict[str, int] = {}  # min_count admission: key -> sightings so far
+        self._key_bytes = 0  # approximate memory held by key strings
+        if self.hash_bits is None:
+            self._n_rows = 0
+            self._alloc(1024)
+        else:
+            self._n_rows = 1 << self.hash_bits
+            self._alloc(self._n_rows)
+            buckets = np.arange(self._n_rows, dtype=np.int64)
+            base_seed = _key_seed(self._seed_key, "\x00hash-mode")
+            seeds = (buckets.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ np.uint64(base_seed)
+            _kernels.init_rows(self._V, buckets, seeds, self.init_std)
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def n_skipped(self) -> int:
+        return int(self._counts[0])
+
+    @property
+    def n_features(self) -> int:
+        if self.hash_bits is None:
+            return len(self._index)
+        return int(self._counts[1])
+
+    @property
+    def w0(self) -> float:
+        """The intercept."""
+        return float(self._bias[0])
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes held by the parameter slabs, the key index and the admission table (estimate)."""
+        arrays = sum(a.nbytes for a in (self._w, self._V, self._gw, self._gV, self._last))
+        index = sys.getsizeof(self._index) + sys.getsizeof(self._keys) + sys.getsizeof(self._free)
+        pending = sys.getsizeof(self._pending)
+        # each stored int row beyond the small-int cache is an object of its own
+        return arrays + index + pending + self._key_bytes + 32 * len(self._index)
+
+    def initial_latent(self, key: str) -> np.ndarray:
+        """The latent vector feature ``key`` starts from: a function of (seed, key) alone."""
+        out = np.zeros((1, self.n_factors))
+        seeds = np.array([_key_seed(self._seed_key, key)], np.uint64)
+        _kernels.init_rows(out, np.zeros(1, np.int64), seeds, self.init_std)
+        return out[0]
+
+    def predict_proba_one(self, x: Mapping[str, Any], **kwargs: Any) -> dict[bool, float]:
+        """``{False: 1 - p, True: p}``. Pure: unseen features contribute 0 and nothing is stored."""
+        p = float(self._predict_encoded(self._encode([x]))[0])
+        return {False: 1.0 - p, True: p}
+
+    def predict_one(self, x: Mapping[str, Any], **kwargs: Any) -> bool:
+        return self.predict_proba_one(x)[True] > 0.5
+
+    def predict_proba_batch(self, xs: Iterable[Mapping[str, Any]]) -> np.ndarray:
+        """Click probabilities for many samples at once (same numbers as ``predict_proba_one``)."""
+        return self._predict_encoded(self._encode(xs))
+
+    def learn_one(self, x: Mapping[str, Any], y: Any) -> None:
+        """Update the model with one sample. Returns None, as river's estimators do."""
+        label = np.array([_label(y)], np.float64)
+        self._learn_encoded(self._encode([x]), label)
+
+    def learn_batch(self, xs: Sequence[Mapping[str, Any]], ys: Iterable[Any]) -> np.ndarray:
+        """Learn samples in order; return each one's probability predicted *before* its update.
+
+        The same sequential semantics and the same numbers, bit for bit, as a loop of
+        ``predict_proba_one`` + ``learn_one``. A bad sample raises before anything is learned.
+        """
+        encoded = self._encode(xs)
+        return self._learn_encoded(encoded, _labels(ys, len(encoded[2]) - 1))
+
+    # ------------------------------------------------------------------ encoding
+
+    def _encode(self, xs: Iterable[Mapping[str, Any]]) -> _Encoded:
+        rows: list[int] = []
+        vals: list[float] = []
+        offsets = [0]
+        misses: list[tuple[int, str]] = []
+        lookup = self._index.get if self.hash_bits is None else self._bucket
+        for i, x in enumerate(xs):
+            try:
+                encode_into(x, lookup, rows, vals, misses)
+            except FeatureError as e:
+                raise FeatureError(e.field, e.reason, index=i) from None
+            offsets.append(len(rows))
+        return rows, vals, offsets, misses
+
+    def _bucket(self, key: str, default: int) -> int:
+        return zlib.crc32(key.encode("utf-8", "surrogatepass"), self._hash_salt) & self._mask
+
+    # ------------------------------------------------------------------ prediction
+
+    def _predict_encoded(self, encoded: _Encoded) -> np.ndarray:
+        rows, vals, offsets, _ = encoded
+        out = np.empty(len(offsets) - 1)
+        _kernels.predict(
+            np.array(rows, np.int64),
+            np.array(vals, np.float64),
+            np.array(offsets, np.int64),
+            self._bias,
+            self._w,
+            self._V,
+            self._last,
+            out,
+        )
+        return out
+
+    # ------------------------------------------------------------------ learning
+
+    def _learn_encoded(self, encoded: _Encoded, labels: np.ndarray) -> np.ndarray:
+        rows, vals, offsets, misses = encoded
+        n = len(offsets) - 1
+        out = np.empty(n)
+        vals_a = np.array(vals, np.float64)
+        offs_a = np.array(offsets, np.int64)
+        done = 0  # samples [0, done) are trained
+
+        def train_until(stop: int) -> None:
+            nonlocal done
+            if stop > done:
+                self._train(rows, vals_a, offs_a, labels, out, done, stop)
+                done = stop
+
+        if misses:
+            self._insert_missing(rows, offsets, misses, train_until)
+        train_until(n)
+        return out
+
+    def _train(
+        self,
+        rows: list[int],
+        vals: np.ndarray,
+        offsets: np.ndarray,
+        labels: np.ndarray,
+        out: np.ndarray,
+        start: int,
+        stop: int,
+    ) -> None:
+        a, b = offsets[start], offsets[stop]
+        _kernels.learn(
+            np.array(rows[a:b], np.int64),
+            vals[a:b],
+            offsets[start : stop + 1] - a,
+            labels[start:stop],
+            self.samples_seen,
+            self._opt,
+            self._hp,
+            self._bias,
+            self._w,
+            self._V,
+            self._gw,
+            self._gV,
+            self._last,
+            out[start:stop],
+            self._counts,
+        )
+        self.samples_seen += stop - start
+
+    def _insert_missing(
+        self,
+        rows: list[int],
+        offsets: list[int],
+        misses: list[tuple[int, str]],
+        train_until: Callable[[int], None],
+    ) -> None:
+        """Give rows to the keys the index lacks, in sample order (admission, eviction)."""
+        new_rows: list[int] = []
+        new_keys: list[str] = []
+        s = 0
+        mi = 0
+        while mi < len(misses):
+            j, key = misses[mi]
+            mi += 1
+            while offsets[s + 1] <= j:
+                s += 1
+            row = self._index.get(key, -1)
+            if row < 0 and self._admit(key):
+                if self.max_features is not None and len(self._index) >= self.max_features:
+                    # eviction reuses rows: train what came before this sample first, then look
+                    # up again every later reference to an evicted row
+                    self._init_new(new_rows, new_keys)
+                    train_until(s)
+                    # protect every row this sample uses, including keys it has yet to look up
+                    end = offsets[s + 1]
+                    protect = set(rows[offsets[s] : end])
+                    for q, other in itertools.islice(misses, mi, None):
+                        if q >= end:
+                            break
+                        protect.add(self._index.get(other, -1))
+                    evicted = self._evict(protect=protect - {-1})
+                    later = [(q, evicted[rows[q]]) for q in range(j + 1, len(rows)) if rows[q] in evicted]
+                    if later:
+                        for q, _ in later:
+                            rows[q] = -1
+                        misses = sorted(misses[mi:] + later)
+                        mi = 0
+                if self.max_features is None or len(self._index) < self.max_features:
+                    row = self._new_row(key)
+                    new_rows.append(row)
+                    new_keys.append(key)
+                else:
+                    self.n_rejected += 1  # this one sample holds every row the model may have
+            rows[j] = row
+        self._init_new(new_rows, new_keys)
+
+    def _admit(self, key: str) -> bool:
+        if self.min_count <= 1:
+            return True
+        seen = self._pending.pop(key, 0) + 1
+        if seen >= self.min_count:
+            return True
+        self._pending[key] = seen  # re-inserted last: the table forgets the oldest first
+        self.n_rejected += 1
+        if len(self._pending) > self.admission_capacity:
+            for old in list(itertools.islice(self._pending, len(self._pending) // 2 or 1)):
+                del self._pending[old]
+        return False
+
+    def _new_row(self, key: str) -> int:
+        if self._free:
+            row = self._free.pop()
+        else:
+            row = self._n_rows
+            if row == self._w.shape[0]:
+                self._alloc(2 * row)
+            self._n_rows += 1
+        self._index[key] = row
+        self._keys[row] = key
+        self._key_bytes += sys.getsizeof(key)
+        self._w[row] = 0.0
+        self._last[row] = _UNTOUCHED
+        if self._gw.shape[0]:
+            self._gw[row] = 0.0
+            self._gV[row] = 0.0
+        return row
+
+    def _init_new(self, rows: list[int], keys: list[str]) -> None:
+        if rows:
+            seeds = np.array([_key_seed(self._seed_key, k) for k in keys], np.uint64)
+            _kernels.init_rows(self._V, np.array(rows, np.int64), seeds, self.init_std)
+            rows.clear()
+            keys.clear()
+
+    def _evict(self, protect: set[int]) -> dict[int, str]:
+        """Free the least recently updated 1/64 of the rows, never those in ``protect``.
+
+        Returns the evicted rows with the keys they held.
+        """
+        assert self.max_features is not None
+        stamps = self._last[: self._n_rows].copy()
+        top = np.iinfo(np.int64).max
+        stamps[self._free] = top
+        stamps[list(protect)] = top
+        n_evict = min(max(1, self.max_features // 64), self._n_rows)
+        chosen = np.argpartition(stamps, n_evict - 1)[:n_evict]
+        evicted: dict[int, str] = {}
+        for r in sorted(int(r) for r in chosen if stamps[r] != top):
+            key = self._keys[r]
+            assert key is not None
+            evicted[r] = key
+            del self._index[key]
+            self._keys[r] = None
+            self._key_bytes -= sys.getsizeof(key)
+            self._free.append(r)
+        self.n_evicted += len(evicted)
+        return evicted
+
+    def _alloc(self, capacity: int) -> None:
+        """Grow (or create) the parameter slabs to ``capacity`` rows, keeping their contents."""
+        k = self.n_factors
+        adagrad = self._opt == _kernels.OPT_ADAGRAD
+        old = getattr(self, "_w", None)
+        n_old = 0 if old is None else old.shape[0]
+
+        def grow(a: np.ndarray | None, shape: tuple[int, ...], fill: float) -> np.ndarray:
+            new = np.full(shape, fill, dtype=np.float64 if fill != _UNTOUCHED else np.int64)
+            if a is not None and a.shape[0]:
+                new[:n_old] = a
+            return new
+
+        self._w = grow(old, (capacity,), 0.0)
+        self._V = grow(getattr(self, "_V", None), (capacity, k), 0.0)
+        self._gw = grow(getattr(self, "_gw", None), (capacity if adagrad else 0,), 0.0)
+        self._gV = grow(getattr(self, "_gV", None), (capacity if adagrad else 0, k), 0.0)
+        self._last = grow(getattr(self, "_last", None), (capacity,), _UNTOUCHED)
+        self._keys.extend([None] * (capacity - n_old))
+
+    # ------------------------------------------------------------------ state export / import
+
+    def get_config(self) -> dict[str, Any]:
+        """The constructor arguments, JSON-able."""
+        return {name: getattr(self, name) for name in _PARAMS}
+
+    def export_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Everything needed to continue learning bit for bit: named arrays plus a JSON-able dict.
+
+        No pickle: arrays are plain numeric ``ndarray``s; feature keys are stored as their UTF-8
+        bytes (``surrogatepass``) back to back plus offsets, so any string round-trips exactly.
+        The returned arrays are copies, safe to hand to another thread.
+        """
+        n = self._n_rows
+        arrays = {
+            "bias": self._bias.copy(),
+            "w": self._w[:n].copy(),
+            "V": self._V[:n].copy(),
+            "last": self._last[:n].copy(),
+            "free": np.array(self._free, np.int64),
+        }
+        if self._gw.shape[0]:
+            arrays["gw"] = self._gw[:n].copy()
+            arrays["gV"] = self._gV[:n].copy()
+        if self.hash_bits is None:
+            arrays["key_bytes"], arrays["key_offsets"] = encode_keys(k or "" for k in self._keys[:n])
+        if self._pending:
+            arrays["pending_key_bytes"], arrays["pending_key_offsets"] = encode_keys(self._pending)
+            arrays["pending_counts"] = np.fromiter(self._pending.values(), np.int64, len(self._pending))
+        meta = {
+            "class": type(self).__name__,
+            "state_format": _STATE_FORMAT,
+            "config": self.get_config(),
+            "samples_seen": self.samples_seen,
+            "n_features": self.n_features,
+            "n_rows": n,
+            "n_evicted": self.n_evicted,
+            "n_rejected": self.n_rejected,
+            "n_skipped": self.n_skipped,
+            "n_trained_rows": int(self._counts[1]),
+        }
+        return arrays, meta
+
+    @classmethod
+    def from_state(cls, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> SparseFM:
+        """Rebuild a model from :meth:`export_state` output (arrays may be read-only/memory-mapped)."""
+        if meta.get("class") != cls.__name__ or meta.get("state_format") != _STATE_FORMAT:
+            raise ConfigError(
+                "state_format",
+                (meta.get("class"), meta.get("state_format")),
+                f"({cls.__name__!r}, {_STATE_FORMAT})",
+            )
+        model = cls(**meta["config"])
+        n = int(meta["n_rows"])
+        k = model.n_factors
+        expect = {"bias": (2,), "w": (n,), "V": (n, k), "last": (n,)}
+        if model._gw.shape[0]:
+            expect.update(gw=(n,), gV=(n, k))
+        for name, shape in expect.items():
+            if name not in arrays or tuple(arrays[name].shape) != shape:
+                got = None if name not in arrays else tuple(arrays[name].shape)
+                raise ConfigError(f"state array {name!r}", got, f"shape {shape}")
+        if model.hash_bits is None:
+            model._alloc(max(1024, n))
+        model._n_rows = n
+        model._bias[:] = arrays["bias"]
+        model._w[:n] = arrays["w"]
+        model._V[:n] = arrays["V"]
+        model._last[:n] = arrays["last"]
+        if model._gw.shape[0]:
+            model._gw[:n] = arrays["gw"]
+            model._gV[:n] = arrays["gV"]
+        model._free = [int(r) for r in arrays["free"]]
+        if model.hash_bits is None:
+            keys = decode_keys(arrays["key_bytes"], arrays["key_offsets"])
+            free = set(model._free)
+            for row, key in enumerate(keys):
+                if row not in free:
+                    model._index[key] = row
+                    model._keys[row] = key
+                    model._key_bytes += sys.getsizeof(key)
+        if "pending_counts" in arrays:
+            pending = decode_keys(arrays["pending_key_bytes"], arrays["pending_key_offsets"])
+            model._pending = dict(zip(pending, arrays["pending_counts"].tolist(), strict=True))
+        model.samples_seen = int(meta["samples_seen"])
+        model.n_evicted = int(meta["n_evicted"])
+        model.n_rejected = int(meta["n_rejected"])
+        model._counts[:] = [int(meta["n_skipped"]), int(meta["n_trained_rows"])]
+        return model
+
+    # river: parameters for clone() / repr
+    @classmethod
+    def _unit_test_params(cls):
+        yield {"seed": 42}
+
+
+_PARAMS = (
+    "n_factors",
+    "optimizer",
+    "learning_rate",
+    "l2_w",
+    "l2_v",
+    "init_std",
+    "clip_gradient",
+    "max_features",
+    "min_count",
+    "admission_capacity",
+    "hash_bits",
+    "seed",
+)
+
+
+def encode_keys(keys: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Strings -> (uint8 UTF-8 bytes back to back, int64 offsets of length n + 1)."""
+    blobs = [k.encode("utf-8", "surrogatepass") for k in keys]
+    offsets = np.zeros(len(blobs) + 1, np.int64)
+    np.cumsum([len(b) for b in blobs], out=offsets[1:])
+    return np.frombuffer(b"".join(blobs), np.uint8).copy(), offsets
+
+
+def decode_keys(data: np.ndarray, offsets: np.ndarray) -> list[str]:
+    """Inverse of :func:`encode_keys`."""
+    raw = np.asarray(data, np.uint8).tobytes()
+    o = [int(v) for v in offsets]
+    return [raw[o[i] : o[i + 1]].decode("utf-8", "surrogatepass") for i in range(len(o) - 1)]
+
+
+def _key_seed(seed_key: bytes, key: str) -> int:
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8, key=seed_key)
+    return int.from_bytes(digest.digest(), "little")
+
+
+def _label(y: Any) -> float:
+    if y is True or y == 1:
+        return 1.0
+    if y is False or y == 0:
+        return 0.0
+    raise LabelError(y)
+
+
+def _labels(ys: Iterable[Any], n: int) -> np.ndarray:
+    labels = np.array([_label(y) for y in ys], np.float64)
+    if labels.shape[0] != n:
+        raise LabelError(f"{labels.shape[0]} labels for {n} samples")
+    return labels
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ConfigError(name, value, f"an integer >= {lo}" + (f" and <= {hi}" if hi else ""))
+    if value < lo or (hi is not None and value > hi):
+        raise ConfigError(name, value, f"an integer >= {lo}" + (f" and <= {hi}" if hi else ""))
+    return int(value)
+
+
+def _check_float(name: str, value: Any, positive: bool = False) -> float:
+    allowed = "a finite number " + ("> 0" if positive else ">= 0")
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ConfigError(name, value, allowed)
+    v = float(value)
+    if not np.isfinite(v) or v < 0 or (positive and v == 0):
+        raise ConfigError(name, value, allowed)
+    return v

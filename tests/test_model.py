@@ -1,0 +1,423 @@
+"""SparseFM: numerics against independent references, API semantics, bounded memory, robustness."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from river import facto, linear_model, metrics, optim
+
+from stream_fm import ConfigError, FeatureError, LabelError, SparseFM
+
+# ---------------------------------------------------------------- helpers: a plain FM, written out
+
+
+def naive_raw(model: SparseFM, x: dict[str, float]) -> float:
+    """Eq. 4 of the reference, O(k n^2), straight from the model's parameter rows."""
+    items = [(model._index[k], v) for k, v in x.items() if k in model._index]
+    y = model.w0 + sum(model._w[r] * v for r, v in items)
+    for (r1, v1), (r2, v2) in itertools.combinations(items, 2):
+        y += float(np.dot(model._V[r1], model._V[r2])) * v1 * v2
+    return y
+
+
+def logloss(y: int, raw: float) -> float:
+    s = 1 if y else -1
+    return math.log1p(math.exp(-s * raw))
+
+
+def one_hot(x: dict[str, str]) -> dict[str, float]:
+    return {f"{k}={v}": 1.0 for k, v in x.items()}
+
+
+def numeric_stream(n: int, n_keys: int, nnz: int, seed: int) -> list[tuple[dict[str, float], int]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        keys = rng.choice(n_keys, size=nnz, replace=False)
+        x = {f"k{k}": float(rng.normal()) for k in keys}
+        out.append((x, int(rng.random() < 0.4)))
+    return out
+
+
+def categorical_stream(n: int, seed: int) -> list[tuple[dict, bool]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        x = {
+            "user": f"u{rng.integers(50)}",
+            "ad": f"a{rng.integers(30)}",
+            "price": float(rng.exponential(2.0)),
+            "mobile": bool(rng.random() < 0.5),
+            "tags": [f"t{t}" for t in rng.choice(10, size=rng.integers(0, 3), replace=False)],
+        }
+        out.append((x, bool(rng.random() < 0.3)))
+    return out
+
+
+def state_equal(a: SparseFM, b: SparseFM) -> bool:
+    sa, ma = a.export_state()
+    sb, mb = b.export_state()
+    return ma == mb and sa.keys() == sb.keys() and all(np.array_equal(sa[k], sb[k]) for k in sa)
+
+
+# ---------------------------------------------------------------- numerics
+
+
+def test_predictions_equal_the_quadratic_formula():
+    stream = numeric_stream(300, n_keys=40, nnz=6, seed=1)
+    model = SparseFM(n_factors=5, init_std=0.3, seed=3)
+    for x, y in stream[:200]:
+        model.learn_one(x, y)
+    rng = np.random.default_rng(7)
+    for x, _ in stream[200:]:
+        x = dict(x, unseen_feature=float(rng.normal()))  # unseen: contributes nothing
+        p = model.predict_proba_one(x)[True]
+        raw = naive_raw(model, x)
+        assert p == pytest.approx(1 / (1 + math.exp(-raw)), abs=1e-12)
+        assert math.log(p / (1 - p)) == pytest.approx(raw, abs=1e-9)
+
+
+def test_sgd_step_follows_the_finite_difference_gradient():
+    """With plain SGD and no clipping/L2, theta_new - theta = -lr * dL/dtheta; check dL/dtheta."""
+    lr, h = 1e-3, 1e-6
+    base = SparseFM(n_factors=4, optimizer="sgd", learning_rate=lr, l2_v=0.0, init_std=0.5, seed=2)
+    warm = numeric_stream(50, n_keys=8, nnz=4, seed=5)
+    for x, y in warm:
+        base.learn_one(x, y)
+    x, y = {"k0": 0.7, "k3": -1.3, "k5": 0.4, "k6": 2.0}, 1
+    arrays, meta = base.export_state()
+    before = SparseFM.from_state(arrays, meta)
+    after = SparseFM.from_state(arrays, meta)
+    after.learn_one(x, y)
+
+    def finite_difference(name: str, index: tuple[int, ...]) -> float:
+        losses = []
+        for delta in (h, -h):
+            m = SparseFM.from_state(arrays, meta)
+            getattr(m, name)[index] += delta
+            losses.append(logloss(y, naive_raw(m, x)))
+        return (losses[0] - losses[1]) / (2 * h)
+
+    params = [("_bias", (0,))]
+    for key in x:
+        r = before._index[key]
+        params += [("_w", (r,))] + [("_V", (r, f)) for f in range(4)]
+    for name, index in params:
+        step = getattr(after, name)[index] - getattr(before, name)[index]
+        assert step / -lr == pytest.approx(finite_difference(name, index), rel=1e-5, abs=1e-8), (name, index)
+
+
+def test_follows_river_fm_updates_with_sgd():
+    """Same initial parameters, plain SGD, no L2: every parameter tracks river's FMClassifier."""
+    lr = 0.05
+    stream = numeric_stream(400, n_keys=30, nnz=5, seed=11)
+    ours = SparseFM(
+        n_factors=6,
+        optimizer="sgd",
+        learning_rate=lr,
+        l2_w=0.0,
+        l2_v=0.0,
+        init_std=0.1,
+        clip_gradient=1e12,
+        seed=4,
+    )
+    river_fm = facto.FMClassifier(
+        n_factors=6,
+        weight_optimizer=optim.SGD(lr),
+        latent_optimizer=optim.SGD(lr),
+        intercept_lr=lr,
+        seed=0,
+    )
+    keys = {k for x, _ in stream for k in x}
+    for k in keys:  # river's latents start where ours do
+        river_fm.latents[k] = ours.initial_latent(k).copy()
+    worst = 0.0
+    for i, (x, y) in enumerate(stream):
+        ours.learn_one(x, y)
+        river_fm.learn_one(x, y)
+        if i % 20 == 0 or i == len(stream) - 1:
+            assert ours.w0 == pytest.approx(river_fm.intercept, abs=1e-9)
+            for k, r in ours._index.items():
+                worst = max(worst, abs(ours._w[r] - river_fm.weights[k]))
+                worst = max(worst, float(np.max(np.abs(ours._V[r] - river_fm.latents[k]))))
+    assert worst < 1e-9
+    for x, _ in stream[:50]:
+        assert ours.predict_proba_one(x)[True] == pytest.approx(river_fm.predict_proba_one(x)[True], abs=1e-9)
+
+
+def test_learns_a_pairwise_interaction_that_a_linear_model_cannot():
+    rng = np.random.default_rng(0)
+    stream = []
+    for _ in range(6000):
+        a, b = int(rng.integers(10)), int(rng.integers(10))
+        stream.append(({"a": f"a{a}", "b": f"b{b}"}, bool((a % 2) ^ (b % 2))))
+    fm = SparseFM(seed=0)
+    lr = linear_model.LogisticRegression()
+    auc_fm, auc_lr = metrics.ROCAUC(n_thresholds=50), metrics.ROCAUC(n_thresholds=50)
+    for i, (x, y) in enumerate(stream):
+        if i >= 3000:
+            auc_fm.update(y, fm.predict_proba_one(x)[True])
+            auc_lr.update(y, lr.predict_proba_one(one_hot(x))[True])
+        fm.learn_one(x, y)
+        lr.learn_one(one_hot(x), y)
+    assert auc_fm.get() > 0.9
+    assert abs(auc_lr.get() - 0.5) < 0.1
+
+
+# ---------------------------------------------------------------- semantics
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"optimizer": "sgd", "learning_rate": 0.1},
+        {"max_features": 60},
+        {"min_count": 3, "admission_capacity": 40},
+        {"hash_bits": 6},
+    ],
+    ids=["adagrad", "sgd", "max_features", "min_count", "hash_bits"],
+)
+def test_learn_batch_equals_the_per_sample_loop(params):
+    stream = categorical_stream(1500, seed=2)
+    xs, ys = [x for x, _ in stream], [y for _, y in stream]
+    loop = SparseFM(seed=9, **params)
+    expected = []
+    for x, y in stream:
+        expected.append(loop.predict_proba_one(x)[True])
+        loop.learn_one(x, y)
+    batch = SparseFM(seed=9, **params)
+    got = np.concatenate([batch.learn_batch(xs[i : i + 256], ys[i : i + 256]) for i in range(0, 1500, 256)])
+    assert np.array_equal(got, np.array(expected))  # bit for bit
+    assert state_equal(loop, batch)
+    if "max_features" in params:
+        assert loop.n_evicted > 0
+    if "min_count" in params:
+        assert loop.n_rejected > 0
+
+
+def test_predicting_changes_nothing():
+    model = SparseFM(seed=1)
+    for x, y in categorical_stream(300, seed=3):
+        model.learn_one(x, y)
+    arrays, meta = model.export_state()
+    before = {k: v.copy() for k, v in arrays.items()}
+    for x, _ in categorical_stream(300, seed=4):
+        model.predict_proba_one(dict(x, brand_new=f"z{x['user']}"))
+        model.predict_one(x)
+    model.predict_proba_batch([x for x, _ in categorical_stream(50, seed=5)])
+    after, meta_after = model.export_state()
+    assert meta == meta_after
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_unseen_features_contribute_nothing():
+    model = SparseFM(seed=1)
+    for x, y in categorical_stream(200, seed=3):
+        model.learn_one(x, y)
+    x = {"user": "u1", "ad": "a2"}
+    assert model.predict_proba_one(dict(x, never="seen", count=3.0)) == model.predict_proba_one(x)
+
+
+def test_learn_batch_reports_the_prediction_before_each_update():
+    model = SparseFM(seed=1)
+    x = {"user": "u1", "ad": "a2"}
+    p = model.learn_batch([x, x], [True, True])
+    assert p[0] == 0.5  # nothing known yet: w0 = 0 and new features are not counted
+    assert p[1] > p[0]
+
+
+def test_seeded_runs_are_bit_identical_and_seeds_matter():
+    stream = categorical_stream(500, seed=6)
+    runs = []
+    for seed in (5, 5, 6):
+        m = SparseFM(seed=seed)
+        m.learn_batch([x for x, _ in stream], [y for _, y in stream])
+        runs.append(m)
+    assert state_equal(runs[0], runs[1])
+    assert not state_equal(runs[0], runs[2])
+
+
+def test_initialisation_does_not_depend_on_arrival_order():
+    a, b = SparseFM(seed=3), SparseFM(seed=3)
+    a.learn_one({"x": "1", "y": "2"}, True)
+    b.learn_one({"z": "9"}, False)
+    b.learn_one({"y": "2", "x": "1"}, True)
+    np.testing.assert_array_equal(a.initial_latent("y=2"), b.initial_latent("y=2"))
+    # the first step from the same initial vector, under the same gradient sign
+    assert a._V[a._index["x=1"]].shape == (8,)
+    np.testing.assert_array_equal(SparseFM(seed=3).initial_latent("x=1"), a.initial_latent("x=1"))
+
+
+@pytest.mark.parametrize(
+    "params", [{}, {"optimizer": "sgd"}, {"hash_bits": 8}, {"max_features": 50, "min_count": 2}]
+)
+def test_export_import_gives_identical_predictions_and_continued_learning(params):
+    stream = categorical_stream(1200, seed=8)
+    whole = SparseFM(seed=2, **params)
+    first = SparseFM(seed=2, **params)
+    for x, y in stream[:600]:
+        whole.learn_one(x, y)
+        first.learn_one(x, y)
+    arrays, meta = first.export_state()
+    restored = SparseFM.from_state(arrays, meta)
+    probe = [x for x, _ in stream[600:700]]
+    assert np.array_equal(first.predict_proba_batch(probe), restored.predict_proba_batch(probe))
+    for x, y in stream[600:]:
+        whole.learn_one(x, y)
+        restored.learn_one(x, y)
+    assert state_equal(whole, restored)
+
+
+def test_state_is_plain_arrays_and_json():
+    import json
+
+    model = SparseFM(min_count=2, seed=1)
+    model.learn_batch([{"k": "é=\n\"'", "n": 2.5}] * 3 + [{"other": "x"}], [1, 0, 1, 0])
+    arrays, meta = model.export_state()
+    json.dumps(meta)
+    assert all(isinstance(a, np.ndarray) and a.dtype != object for a in arrays.values())
+    assert "k=é=\n\"'" in SparseFM.from_state(arrays, meta)._index
+
+
+def test_river_tools_accept_it():
+    from river import evaluate
+
+    data = categorical_stream(400, seed=1)
+    metric = evaluate.progressive_val_score(dataset=data, model=SparseFM(seed=0), metric=metrics.LogLoss())
+    assert 0 < metric.get() < 1
+    assert isinstance(SparseFM(seed=0).clone(), SparseFM)
+
+
+# ---------------------------------------------------------------- bounded memory
+
+
+N_IDS = 1_000_000
+
+
+def distinct_ids(chunk: int = 50_000):
+    for start in range(0, N_IDS, chunk):
+        xs = [{"id": f"u{i}"} for i in range(start, start + chunk)]
+        yield xs, [i % 7 == 0 for i in range(start, start + chunk)]
+
+
+@pytest.mark.slow
+def test_max_features_bounds_memory():
+    model = SparseFM(max_features=10_000)
+    peak = 0
+    for xs, ys in distinct_ids():
+        model.learn_batch(xs, ys)
+        peak = max(peak, model.memory_bytes)
+        assert model.n_features <= 10_000
+    assert model.n_evicted >= N_IDS - 10_000
+    assert peak < 10_000 * 1_000  # well under what a million rows would take
+
+
+@pytest.mark.slow
+def test_min_count_bounds_memory():
+    model = SparseFM(min_count=2, admission_capacity=20_000)
+    for xs, ys in distinct_ids():
+        model.learn_batch(xs, ys)
+        assert len(model._pending) <= 20_000
+    assert model.n_features == 0  # every id was seen once: none admitted
+    assert model.n_rejected == N_IDS
+    model.learn_batch([{"id": "u999999"}], [True])  # the most recent one is still being counted
+    assert model.n_features == 1
+
+
+@pytest.mark.slow
+def test_hash_bits_fixes_memory():
+    model = SparseFM(hash_bits=12)
+    start = model.memory_bytes
+    for xs, ys in distinct_ids():
+        model.learn_batch(xs, ys)
+    assert model.memory_bytes == start
+    assert model.n_features == 4096
+
+
+# ---------------------------------------------------------------- bad input, extreme input
+
+
+@pytest.mark.parametrize(
+    ("x", "field"),
+    [
+        ({"price": None}, "price"),
+        ({"price": float("nan")}, "price"),
+        ({"price": float("inf")}, "price"),
+        ({"price": -float("inf")}, "price"),
+        ({"nested": {"a": 1}}, "nested"),
+        ({"tags": ["ok", 3]}, "tags"),
+        ({"big": 10**400}, "big"),
+        ({3: 1.5}, 3),
+        ({"obj": object()}, "obj"),
+    ],
+)
+def test_bad_values_raise_value_error_naming_the_field(x, field):
+    model = SparseFM()
+    for call in (lambda: model.learn_one(x, True), lambda: model.predict_proba_one(x)):
+        with pytest.raises(ValueError) as info:
+            call()
+        assert isinstance(info.value, FeatureError)
+        assert info.value.field == field
+        assert repr(field) in str(info.value)
+    assert model.samples_seen == 0 and model.n_features == 0
+
+
+def test_a_bad_sample_in_a_batch_learns_nothing():
+    model = SparseFM()
+    with pytest.raises(FeatureError) as info:
+        model.learn_batch([{"a": "1"}, {"a": None}], [True, False])
+    assert info.value.index == 1
+    assert model.samples_seen == 0 and model.n_features == 0
+
+
+@pytest.mark.parametrize("label", [2, -1, "yes", None, 0.5])
+def test_bad_labels_are_refused(label):
+    with pytest.raises(LabelError):
+        SparseFM().learn_one({"a": "b"}, label)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("n_factors", 0),
+        ("n_factors", 2.5),
+        ("optimizer", "adam"),
+        ("learning_rate", 0.0),
+        ("learning_rate", float("nan")),
+        ("l2_w", -1.0),
+        ("init_std", "big"),
+        ("max_features", 0),
+        ("min_count", 0),
+        ("hash_bits", 31),
+        ("seed", -1),
+    ],
+)
+def test_constructor_errors_name_the_argument_and_the_range(name, value):
+    with pytest.raises(ConfigError) as info:
+        SparseFM(**{name: value})
+    assert info.value.key == name
+    assert name in str(info.value) and "expected" in str(info.value)
+
+
+def test_extreme_values_never_leave_nan_or_inf():
+    rng = np.random.default_rng(0)
+    for params in ({"optimizer": "sgd"}, {"optimizer": "adagrad"}):
+        model = SparseFM(learning_rate=10.0, **params)
+        for _ in range(3000):
+            x = {
+                "big": float(rng.choice([1e12, -1e12, 1e-12, 3.0])),
+                "huge": float(rng.choice([1e300, -1e300])) if rng.random() < 0.05 else 1.0,
+                "id": f"i{rng.integers(20)}",
+            }
+            model.learn_one(x, bool(rng.random() < 0.5))
+            p = model.predict_proba_one(x)[True]
+            assert 0.0 <= p <= 1.0
+        arrays, _ = model.export_state()
+        for name, a in arrays.items():
+            if a.dtype.kind == "f":
+                assert np.isfinite(a).all(), name
+        assert model.n_skipped > 0  # the 1e300 samples overflow: skipped, counted
