@@ -30,8 +30,10 @@ __all__ = [
     "OPT_ADAGRAD",
     "OPT_SGD",
     "init_rows",
+    "key_seeds",
     "learn",
     "predict",
+    "predict_one",
 ]
 
 OPT_SGD = 0
@@ -54,6 +56,26 @@ def _splitmix64(state):
     z = (z ^ (z >> np.uint64(30))) * _MIX1
     z = (z ^ (z >> np.uint64(27))) * _MIX2
     return state, z ^ (z >> np.uint64(31))
+
+
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+
+
+@nb.njit(cache=True, error_model="numpy")
+def key_seeds(data, offsets, seed):
+    """A 64-bit seed per key: FNV-1a over its UTF-8 bytes (``data[offsets[i]:offsets[i + 1]]``),
+    started from the model's seed and finished by splitmix64. Plain integer arithmetic, so every
+    machine and every replica derives the same seed for the same (seed, key)."""
+    n = offsets.shape[0] - 1
+    out = np.empty(n, np.uint64)
+    _, start = _splitmix64(seed)
+    for i in range(n):
+        h = _FNV_OFFSET ^ start
+        for b in range(offsets[i], offsets[i + 1]):
+            h = (h ^ np.uint64(data[b])) * _FNV_PRIME
+        _, out[i] = _splitmix64(h)
+    return out
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -196,6 +218,18 @@ def _raw_old(cr, cx, cnew, m, w, V):
     for f in range(k):
         inter += sums[f] * sums[f]
     return lin + 0.5 * (inter - sq)
+
+
+@nb.njit(cache=True, error_model="numpy")
+def predict_one(rows, vals, bias, w, V, last):
+    """``predict`` for a single sample, without the CSR bookkeeping (the per-call path)."""
+    n = rows.shape[0]
+    cr = np.empty(n, np.int64)
+    cx = np.empty(n, np.float64)
+    cnew = np.empty(n, np.bool_)
+    sums = np.empty(V.shape[1], np.float64)
+    m = _gather(rows, vals, 0, n, last, False, cr, cx, cnew)
+    return _proba(bias[0] + _raw(cr, cx, m, w, V, sums))
 
 
 @nb.njit(cache=True, error_model="numpy")

@@ -7,7 +7,6 @@ and manages rows; the arithmetic runs in compiled kernels (``_kernels.py``).
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import sys
 import zlib
@@ -100,10 +99,10 @@ class SparseFM(base.Classifier):
         self,
         n_factors: int = 8,
         optimizer: str = "adagrad",
-        learning_rate: float = 0.05,
+        learning_rate: float = 0.06,
         l2_w: float = 0.0,
         l2_v: float = 1e-4,
-        init_std: float = 0.05,
+        init_std: float = 0.01,
         clip_gradient: float = 100.0,
         max_features: int | None = None,
         min_count: int = 1,
@@ -134,8 +133,8 @@ class SparseFM(base.Classifier):
 
         self._opt = _OPTIMIZERS[optimizer]
         self._hp = np.array([self.learning_rate, self.l2_w, self.l2_v, self.clip_gradient, _ADAGRAD_EPS])
-        self._seed_key = self.seed.to_bytes(8, "little")
-        self._hash_salt = zlib.crc32(self._seed_key)
+        self._seed64 = np.uint64(self.seed)
+        self._hash_salt = zlib.crc32(self.seed.to_bytes(8, "little"))
         self._mask = (1 << self.hash_bits) - 1 if self.hash_bits is not None else 0
         self._counts = np.zeros(2, np.int64)  # [skipped, newly trained rows]: written by kernels
         self.samples_seen = 0
@@ -154,8 +153,9 @@ class SparseFM(base.Classifier):
             self._n_rows = 1 << self.hash_bits
             self._alloc(self._n_rows)
             buckets = np.arange(self._n_rows, dtype=np.int64)
-            base_seed = _key_seed(self._seed_key, "\x00hash-mode")
-            seeds = (buckets.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ np.uint64(base_seed)
+            # a bucket's vector is drawn from (seed, bucket number), as a key's is from (seed, key)
+            names = [str(b) for b in range(self._n_rows)]
+            seeds = _kernels.key_seeds(*encode_keys(names), self._seed64)
             _kernels.init_rows(self._V, buckets, seeds, self.init_std)
 
     # ------------------------------------------------------------------ public API
@@ -187,13 +187,18 @@ class SparseFM(base.Classifier):
     def initial_latent(self, key: str) -> np.ndarray:
         """The latent vector feature ``key`` starts from: a function of (seed, key) alone."""
         out = np.zeros((1, self.n_factors))
-        seeds = np.array([_key_seed(self._seed_key, key)], np.uint64)
+        seeds = _kernels.key_seeds(*encode_keys([key]), self._seed64)
         _kernels.init_rows(out, np.zeros(1, np.int64), seeds, self.init_std)
         return out[0]
 
     def predict_proba_one(self, x: Mapping[str, Any], **kwargs: Any) -> dict[bool, float]:
         """``{False: 1 - p, True: p}``. Pure: unseen features contribute 0 and nothing is stored."""
-        p = float(self._predict_encoded(self._encode([x]))[0])
+        rows: list[int] = []
+        vals: list[float] = []
+        encode_into(x, self._lookup, rows, vals, [])
+        p = _kernels.predict_one(
+            np.array(rows, np.int64), np.array(vals, np.float64), self._bias, self._w, self._V, self._last
+        )
         return {False: 1.0 - p, True: p}
 
     def predict_one(self, x: Mapping[str, Any], **kwargs: Any) -> bool:
@@ -206,7 +211,11 @@ class SparseFM(base.Classifier):
     def learn_one(self, x: Mapping[str, Any], y: Any) -> None:
         """Update the model with one sample. Returns None, as river's estimators do."""
         label = np.array([_label(y)], np.float64)
-        self._learn_encoded(self._encode([x]), label)
+        rows: list[int] = []
+        vals: list[float] = []
+        misses: list[tuple[int, str]] = []
+        encode_into(x, self._lookup, rows, vals, misses)
+        self._learn_encoded((rows, vals, [0, len(rows)], misses), label)
 
     def learn_batch(self, xs: Sequence[Mapping[str, Any]], ys: Iterable[Any]) -> np.ndarray:
         """Learn samples in order; return each one's probability predicted *before* its update.
@@ -224,7 +233,7 @@ class SparseFM(base.Classifier):
         vals: list[float] = []
         offsets = [0]
         misses: list[tuple[int, str]] = []
-        lookup = self._index.get if self.hash_bits is None else self._bucket
+        lookup = self._lookup
         for i, x in enumerate(xs):
             try:
                 encode_into(x, lookup, rows, vals, misses)
@@ -232,6 +241,10 @@ class SparseFM(base.Classifier):
                 raise FeatureError(e.field, e.reason, index=i) from None
             offsets.append(len(rows))
         return rows, vals, offsets, misses
+
+    @property
+    def _lookup(self) -> Callable[[str, int], int]:
+        return self._index.get if self.hash_bits is None else self._bucket
 
     def _bucket(self, key: str, default: int) -> int:
         return zlib.crc32(key.encode("utf-8", "surrogatepass"), self._hash_salt) & self._mask
@@ -284,24 +297,16 @@ class SparseFM(base.Classifier):
         start: int,
         stop: int,
     ) -> None:
-        a, b = offsets[start], offsets[stop]
+        if start == 0 and stop == len(offsets) - 1:  # the whole batch: no slicing (learn_one's path)
+            r, v, o, lab, o_ = np.array(rows, np.int64), vals, offsets, labels, out
+        else:
+            a, b = offsets[start], offsets[stop]
+            r, v, o = np.array(rows[a:b], np.int64), vals[a:b], offsets[start : stop + 1] - a
+            lab, o_ = labels[start:stop], out[start:stop]
         _kernels.learn(
-            np.array(rows[a:b], np.int64),
-            vals[a:b],
-            offsets[start : stop + 1] - a,
-            labels[start:stop],
-            self.samples_seen,
-            self._opt,
-            self._hp,
-            self._bias,
-            self._w,
-            self._V,
-            self._gw,
-            self._gV,
-            self._last,
-            out[start:stop],
-            self._counts,
-        )
+            r, v, o, lab, self.samples_seen, self._opt, self._hp, self._bias,
+            self._w, self._V, self._gw, self._gV, self._last, o_, self._counts,
+        )  # fmt: skip
         self.samples_seen += stop - start
 
     def _insert_missing(
@@ -365,6 +370,7 @@ class SparseFM(base.Classifier):
         return False
 
     def _new_row(self, key: str) -> int:
+        """Give ``key`` a row; its parameters are (re)set by ``_init_new`` before any training."""
         if self._free:
             row = self._free.pop()
         else:
@@ -375,17 +381,19 @@ class SparseFM(base.Classifier):
         self._index[key] = row
         self._keys[row] = key
         self._key_bytes += sys.getsizeof(key)
-        self._w[row] = 0.0
-        self._last[row] = _UNTOUCHED
-        if self._gw.shape[0]:
-            self._gw[row] = 0.0
-            self._gV[row] = 0.0
         return row
 
     def _init_new(self, rows: list[int], keys: list[str]) -> None:
+        """Start new rows from scratch: w = 0, optimizer state 0, untouched, V from (seed, key)."""
         if rows:
-            seeds = np.array([_key_seed(self._seed_key, k) for k in keys], np.uint64)
-            _kernels.init_rows(self._V, np.array(rows, np.int64), seeds, self.init_std)
+            r = np.array(rows, np.int64)
+            self._w[r] = 0.0
+            self._last[r] = _UNTOUCHED
+            if self._gw.shape[0]:
+                self._gw[r] = 0.0
+                self._gV[r] = 0.0
+            data, offsets = encode_keys(keys)
+            _kernels.init_rows(self._V, r, _kernels.key_seeds(data, offsets, self._seed64), self.init_std)
             rows.clear()
             keys.clear()
 
@@ -558,11 +566,6 @@ def decode_keys(data: np.ndarray, offsets: np.ndarray) -> list[str]:
     raw = np.asarray(data, np.uint8).tobytes()
     o = [int(v) for v in offsets]
     return [raw[o[i] : o[i + 1]].decode("utf-8", "surrogatepass") for i in range(len(o) - 1)]
-
-
-def _key_seed(seed_key: bytes, key: str) -> int:
-    digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8, key=seed_key)
-    return int.from_bytes(digest.digest(), "little")
 
 
 def _label(y: Any) -> float:
