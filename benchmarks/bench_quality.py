@@ -20,7 +20,7 @@ from scipy.stats import rankdata
 
 sys.path.insert(0, str(Path(__file__).parent))
 import datasets
-from common import machine, print_table
+from common import machine, one_hot, print_table
 
 from stream_fm import SparseFM
 
@@ -60,19 +60,6 @@ def river_model(factory: Callable[[], object]) -> Learner:
         return out
 
     return run
-
-
-def one_hot(x: dict) -> dict[str, float]:
-    """river's linear model needs numbers; encode like SparseFM does (same keys, same values)."""
-    out: dict[str, float] = {}
-    for k, v in x.items():
-        if isinstance(v, str):
-            out[f"{k}={v}"] = 1.0
-        elif isinstance(v, list):
-            out.update({f"{k}={s}": 1.0 for s in v})
-        else:
-            out[k] = float(v)
-    return out
 
 
 def vw(pairs: bool) -> Learner:

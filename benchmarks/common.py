@@ -46,3 +46,16 @@ def print_table(header: list[str], rows: list[tuple[str, ...]]) -> None:
     print("|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(row) + " |")
+
+
+def one_hot(x: dict) -> dict[str, float]:
+    """river's linear model needs numbers; encode like SparseFM does (same keys, same values)."""
+    out: dict[str, float] = {}
+    for k, v in x.items():
+        if isinstance(v, str):
+            out[f"{k}={v}"] = 1.0
+        elif isinstance(v, list):
+            out.update({f"{k}={s}": 1.0 for s in v})
+        else:
+            out[k] = float(v)
+    return out
