@@ -145,6 +145,15 @@ def _all_finite(a, n):
     return not bad
 
 
+@nb.njit(cache=True, error_model="numpy")
+def _scratch(offsets):
+    """Per-call scratch sized for the widest sample: (width, rows, x values, new flags)."""
+    width = 1
+    for s in range(offsets.shape[0] - 1):
+        width = max(width, offsets[s + 1] - offsets[s])
+    return width, np.empty(width, np.int64), np.empty(width, np.float64), np.empty(width, np.bool_)
+
+
 @nb.njit(cache=True, error_model="numpy", inline="always")
 def _gather(rows, vals, a, b, last, learning, out_r, out_x, out_new):
     """Copy sample entries into scratch: drop unknown rows, merge repeated rows (x summed).
@@ -199,25 +208,10 @@ def _raw(cr, cx, m, w, V, sums):
 
 @nb.njit(cache=True, error_model="numpy")
 def _raw_old(cr, cx, cnew, m, w, V):
-    """Like ``_raw`` over the entries that are not new (a rare second pass)."""
-    k = V.shape[1]
-    sums = np.zeros(k, np.float64)
-    lin = 0.0
-    sq = 0.0
-    for j in range(m):
-        if cnew[j]:
-            continue
-        r = cr[j]
-        x = cx[j]
-        lin += w[r] * x
-        for f in range(k):
-            vx = V[r, f] * x
-            sums[f] += vx
-            sq += vx * vx
-    inter = 0.0
-    for f in range(k):
-        inter += sums[f] * sums[f]
-    return lin + 0.5 * (inter - sq)
+    """``_raw`` over the entries that are not new, in the same order (a rare second pass)."""
+    keep = ~cnew[:m]
+    rows = cr[:m][keep]
+    return _raw(rows, cx[:m][keep], rows.shape[0], w, V, np.empty(V.shape[1], np.float64))
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -237,12 +231,7 @@ def predict(rows, vals, offsets, bias, w, V, last, out):
     """out[s] = sigma(y_hat(sample s)) for every sample; reads the model, never writes it."""
     k = V.shape[1]
     n = offsets.shape[0] - 1
-    width = 1
-    for s in range(n):
-        width = max(width, offsets[s + 1] - offsets[s])
-    cr = np.empty(width, np.int64)
-    cx = np.empty(width, np.float64)
-    cnew = np.empty(width, np.bool_)
+    _, cr, cx, cnew = _scratch(offsets)
     sums = np.empty(k, np.float64)
     for s in range(n):
         m = _gather(rows, vals, offsets[s], offsets[s + 1], last, False, cr, cx, cnew)
@@ -266,12 +255,7 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
     clip = hp[HP_CLIP]
     eps = hp[HP_EPS]
     adagrad = opt == OPT_ADAGRAD
-    width = 1
-    for s in range(n):
-        width = max(width, offsets[s + 1] - offsets[s])
-    cr = np.empty(width, np.int64)
-    cx = np.empty(width, np.float64)
-    cnew = np.empty(width, np.bool_)
+    width, cr, cx, cnew = _scratch(offsets)
     new_w = np.empty(width, np.float64)
     new_gw = np.empty(width, np.float64)
     new_V = np.empty((width, k), np.float64)
