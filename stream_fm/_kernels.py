@@ -29,6 +29,7 @@ import numpy as np
 __all__ = [
     "OPT_ADAGRAD",
     "OPT_SGD",
+    "bucket_seeds",
     "init_rows",
     "key_seeds",
     "learn",
@@ -154,6 +155,18 @@ def _scratch(offsets):
     return width, np.empty(width, np.int64), np.empty(width, np.float64), np.empty(width, np.bool_)
 
 
+@nb.njit(cache=True, error_model="numpy")
+def bucket_seeds(n, seed):
+    """Seeds for hashing mode's ``n`` buckets: bucket b plays the part of a key, mixed with the
+    model's seed by splitmix64 (computed here: a Python string per bucket would cost seconds and
+    gigabytes at large ``hash_bits``)."""
+    out = np.empty(n, np.uint64)
+    _, start = _splitmix64(seed)
+    for b in range(n):
+        _, out[b] = _splitmix64(start ^ np.uint64(b))
+    return out
+
+
 @nb.njit(cache=True, error_model="numpy", inline="always")
 def _gather(rows, vals, a, b, last, learning, out_r, out_x, out_new):
     """Copy sample entries into scratch: drop unknown rows, merge repeated rows (x summed).
@@ -216,14 +229,10 @@ def _raw_old(cr, cx, cnew, m, w, V):
 
 @nb.njit(cache=True, error_model="numpy")
 def predict_one(rows, vals, bias, w, V, last):
-    """``predict`` for a single sample, without the CSR bookkeeping (the per-call path)."""
-    n = rows.shape[0]
-    cr = np.empty(n, np.int64)
-    cx = np.empty(n, np.float64)
-    cnew = np.empty(n, np.bool_)
-    sums = np.empty(V.shape[1], np.float64)
-    m = _gather(rows, vals, 0, n, last, False, cr, cx, cnew)
-    return _proba(bias[0] + _raw(cr, cx, m, w, V, sums))
+    """``predict`` for a single sample, without the output array (the per-call path)."""
+    _, cr, cx, cnew = _scratch(np.array([0, rows.shape[0]], np.int64))
+    m = _gather(rows, vals, 0, rows.shape[0], last, False, cr, cx, cnew)
+    return _proba(bias[0] + _raw(cr, cx, m, w, V, np.empty(V.shape[1], np.float64)))
 
 
 @nb.njit(cache=True, error_model="numpy")

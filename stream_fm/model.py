@@ -154,8 +154,7 @@ class SparseFM(base.Classifier):
             self._alloc(self._n_rows)
             buckets = np.arange(self._n_rows, dtype=np.int64)
             # a bucket's vector is drawn from (seed, bucket number), as a key's is from (seed, key)
-            names = [str(b) for b in range(self._n_rows)]
-            seeds = _kernels.key_seeds(*encode_keys(names), self._seed64)
+            seeds = _kernels.bucket_seeds(self._n_rows, self._seed64)
             _kernels.init_rows(self._V, buckets, seeds, self.init_std)
 
     # ------------------------------------------------------------------ public API
@@ -193,9 +192,7 @@ class SparseFM(base.Classifier):
 
     def predict_proba_one(self, x: Mapping[str, Any], **kwargs: Any) -> dict[bool, float]:
         """``{False: 1 - p, True: p}``. Pure: unseen features contribute 0 and nothing is stored."""
-        rows: list[int] = []
-        vals: list[float] = []
-        encode_into(x, self._lookup, rows, vals, [])
+        rows, vals, _ = self._encode_one(x)
         p = _kernels.predict_one(
             np.array(rows, np.int64), np.array(vals, np.float64), self._bias, self._w, self._V, self._last
         )
@@ -211,10 +208,7 @@ class SparseFM(base.Classifier):
     def learn_one(self, x: Mapping[str, Any], y: Any) -> None:
         """Update the model with one sample. Returns None, as river's estimators do."""
         label = np.array([_label(y)], np.float64)
-        rows: list[int] = []
-        vals: list[float] = []
-        misses: list[tuple[int, str]] = []
-        encode_into(x, self._lookup, rows, vals, misses)
+        rows, vals, misses = self._encode_one(x)
         self._learn_encoded((rows, vals, [0, len(rows)], misses), label)
 
     def learn_batch(self, xs: Sequence[Mapping[str, Any]], ys: Iterable[Any]) -> np.ndarray:
@@ -241,6 +235,14 @@ class SparseFM(base.Classifier):
                 raise FeatureError(e.field, e.reason, index=i) from None
             offsets.append(len(rows))
         return rows, vals, offsets, misses
+
+    def _encode_one(self, x: Mapping[str, Any]) -> tuple[list[int], list[float], list[tuple[int, str]]]:
+        """One sample, without ``_encode``'s batch bookkeeping (the per-call path)."""
+        rows: list[int] = []
+        vals: list[float] = []
+        misses: list[tuple[int, str]] = []
+        encode_into(x, self._lookup, rows, vals, misses)
+        return rows, vals, misses
 
     @property
     def _lookup(self) -> Callable[[str, int], int]:
