@@ -35,6 +35,7 @@ __all__ = [
     "learn",
     "predict",
     "predict_one",
+    "reset_rows",
 ]
 
 OPT_SGD = 0
@@ -102,6 +103,20 @@ def init_rows(V, rows, seeds, std):
             if f + 1 < k:
                 V[r, f + 1] = std * radius * math.sin(two_pi * u2)
             f += 2
+
+
+@nb.njit(cache=True, error_model="numpy")
+def reset_rows(rows, key_data, key_offsets, seed, std, w, V, gw, gV, last):
+    """Start ``rows`` afresh for the keys given as UTF-8 bytes: w = 0, optimizer state 0,
+    untouched, V drawn from (seed, key). One call, as new keys arrive a few at a time."""
+    init_rows(V, rows, key_seeds(key_data, key_offsets, seed), std)
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        w[r] = 0.0
+        last[r] = -1
+        if gw.shape[0]:
+            gw[r] = 0.0
+            gV[r, :] = 0.0
 
 
 @nb.njit(cache=True, error_model="numpy", inline="always")

@@ -34,7 +34,7 @@ __all__ = ["ALLOWED", "encode_into", "keys_of"]
 
 ALLOWED = "a str, a finite int/float, a bool, or a list/tuple of str"
 
-Lookup = Callable[[str, int], int]
+Lookup = Callable[[str], "int | None"]
 
 
 def encode_into(
@@ -43,13 +43,17 @@ def encode_into(
     rows: list[int],
     vals: list[float],
     misses: list[tuple[int, str]],
-) -> None:
+) -> bool:
     """Append sample ``x``'s features to ``rows``/``vals``; unknown keys also go to ``misses``.
 
-    ``lookup(key, -1)`` gives a key's parameter row (``dict.get`` of the model's index, or the
-    hash in hashing mode); a key it does not know gets row -1 and ``(position, key)`` is added to
-    ``misses``, so that the learner can admit it. Looking keys up while parsing, instead of
-    building a list of keys first, saves a pass over every feature of every sample.
+    ``lookup(key)`` gives a key's parameter row (``dict.get`` of the model's index, the index's
+    inserting ``[]`` when learning, or the hash in hashing mode); a key it does not know (None)
+    gets row -1 and ``(position, key)`` is added to ``misses``, so that the learner can admit it.
+    Looking keys up while parsing, instead of building a list of keys first, saves a pass over
+    every feature of every sample.
+
+    Returns True if a value was a list: a mutable value, so a caller that caches the encoding
+    of ``x`` must not trust a shallow copy of it to notice a change.
 
     Raises :class:`FeatureError` (a ``ValueError``) naming the offending field. On error the lists
     may hold a partial sample: callers that must stay atomic truncate them.
@@ -57,6 +61,7 @@ def encode_into(
     if type(x) is not dict and not isinstance(x, Mapping):
         raise FeatureError("<sample>", f"a sample must be a dict of features, got {type(x).__name__}")
     add_row, add_val = rows.append, vals.append
+    has_list = False
     for field, value in x.items():
         t = type(value)
         if t is str:
@@ -77,13 +82,15 @@ def encode_into(
                 continue
             key, x_val = _numeric_key(field), _int_to_float(field, value)
         elif t is list or t is tuple:
+            has_list |= t is list
             for item in value:
                 if type(item) is not str:
                     raise FeatureError(field, f"a list must hold only strings, found {type(item).__name__}")
                 key = f"{field}={item}"
-                row = lookup(key, -1)
-                if row < 0:
+                row = lookup(key)
+                if row is None:
                     misses.append((len(rows), key))
+                    row = -1
                 add_row(row)
                 add_val(1.0)
             continue
@@ -91,11 +98,13 @@ def encode_into(
             key, x_val = _parse_other(field, value)
             if key is None:
                 continue
-        row = lookup(key, -1)
-        if row < 0:
+        row = lookup(key)
+        if row is None:
             misses.append((len(rows), key))
+            row = -1
         add_row(row)
         add_val(x_val)
+    return has_list
 
 
 def keys_of(x: Mapping[str, Any]) -> list[tuple[str, float]]:
@@ -107,7 +116,7 @@ def keys_of(x: Mapping[str, Any]) -> list[tuple[str, float]]:
     rows: list[int] = []
     vals: list[float] = []
     misses: list[tuple[int, str]] = []
-    encode_into(x, lambda key, default: default, rows, vals, misses)
+    encode_into(x, lambda key: None, rows, vals, misses)
     return [(key, vals[pos]) for pos, key in misses]
 
 

@@ -141,11 +141,21 @@ class SparseFM(base.Classifier):
         self.n_evicted = 0
         self.n_rejected = 0
         self._bias = np.zeros(2)  # [w0, AdaGrad accumulator of w0]
-        self._index: dict[str, int] = {}
+        self._index = _Index(self._new_row)
+        self._fresh_rows: list[int] = []  # rows given out but not yet initialised (_init_new)
+        self._fresh_keys: list[str] = []
         self._keys: list[str | None] = []  # row -> key, None for a free row
         self._free: list[int] = []
         self._pending: dict[str, int] = {}  # min_count admission: key -> sightings so far
         self._key_bytes = 0  # approximate memory held by key strings
+        # The per-sample path: the encoding of the last sample predicted, reused by learn_one
+        # when the caller then learns that same, unchanged dict (progressive validation, the
+        # worker's pattern), while the index is unchanged (``_generation`` counts its changes).
+        self._recent: tuple[Any, ...] | None = None
+        self._generation = 0
+        self._one_offsets = np.zeros(2, np.int64)
+        self._one_label = np.zeros(1)
+        self._one_out = np.zeros(1)
         if self.hash_bits is None:
             self._n_rows = 0
             self._alloc(1024)
@@ -193,9 +203,7 @@ class SparseFM(base.Classifier):
     def predict_proba_one(self, x: Mapping[str, Any], **kwargs: Any) -> dict[bool, float]:
         """``{False: 1 - p, True: p}``. Pure: unseen features contribute 0 and nothing is stored."""
         rows, vals, _ = self._encode_one(x)
-        p = _kernels.predict_one(
-            np.array(rows, np.int64), np.array(vals, np.float64), self._bias, self._w, self._V, self._last
-        )
+        p = _kernels.predict_one(rows, vals, self._bias, self._w, self._V, self._last)
         return {False: 1.0 - p, True: p}
 
     def predict_one(self, x: Mapping[str, Any], **kwargs: Any) -> bool:
@@ -207,9 +215,19 @@ class SparseFM(base.Classifier):
 
     def learn_one(self, x: Mapping[str, Any], y: Any) -> None:
         """Update the model with one sample. Returns None, as river's estimators do."""
-        label = np.array([_label(y)], np.float64)
+        label = _label(y)
         rows, vals, misses = self._encode_one(x)
-        self._learn_encoded((rows, vals, [0, len(rows)], misses), label)
+        self._recent = None  # the rows are about to change
+        if misses:
+            # one sample: nothing before it to train when an eviction needs a flush
+            self._insert_missing(rows, [0, len(rows)], misses, lambda stop: None)
+        self._one_offsets[1] = len(rows)
+        self._one_label[0] = label
+        _kernels.learn(
+            rows, vals, self._one_offsets, self._one_label, self.samples_seen, self._opt, self._hp,
+            self._bias, self._w, self._V, self._gw, self._gV, self._last, self._one_out, self._counts,
+        )  # fmt: skip
+        self.samples_seen += 1
 
     def learn_batch(self, xs: Sequence[Mapping[str, Any]], ys: Iterable[Any]) -> np.ndarray:
         """Learn samples in order; return each one's probability predicted *before* its update.
@@ -217,38 +235,55 @@ class SparseFM(base.Classifier):
         The same sequential semantics and the same numbers, bit for bit, as a loop of
         ``predict_proba_one`` + ``learn_one``. A bad sample raises before anything is learned.
         """
-        encoded = self._encode(xs)
+        encoded = self._encode(xs, learning=True)
         return self._learn_encoded(encoded, _labels(ys, len(encoded[2]) - 1))
 
     # ------------------------------------------------------------------ encoding
 
-    def _encode(self, xs: Iterable[Mapping[str, Any]]) -> _Encoded:
+    def _encode(self, xs: Iterable[Mapping[str, Any]], learning: bool = False) -> _Encoded:
+        """Encode a batch. ``learning`` in unbounded mode gives unknown keys their rows at once
+        (the index's ``[]``), in order of first appearance as a sample loop would: a cold batch
+        repeats its new keys many times, and each repeat is then a plain dict hit."""
         rows: list[int] = []
         vals: list[float] = []
         offsets = [0]
         misses: list[tuple[int, str]] = []
         lookup = self._lookup
+        if learning and lookup == self._index.get and self.max_features is None and self.min_count <= 1:
+            lookup = self._index.__getitem__
         for i, x in enumerate(xs):
             try:
                 encode_into(x, lookup, rows, vals, misses)
             except FeatureError as e:
+                self._forget_fresh()  # a bad sample: the batch learns nothing, keeps no new key
                 raise FeatureError(e.field, e.reason, index=i) from None
             offsets.append(len(rows))
         return rows, vals, offsets, misses
 
-    def _encode_one(self, x: Mapping[str, Any]) -> tuple[list[int], list[float], list[tuple[int, str]]]:
-        """One sample, without ``_encode``'s batch bookkeeping (the per-call path)."""
+    def _encode_one(self, x: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
+        """One sample as (rows, x values, misses), without ``_encode``'s batch bookkeeping.
+
+        The result is remembered: asked again for the same dict, still equal to a copy taken now
+        and with the index unchanged since, it is returned without encoding again. A dict with a
+        list value is not remembered (a shallow copy would not see the list change).
+        """
+        recent = self._recent
+        if recent is not None and recent[0] is x and recent[1] == self._generation and x == recent[2]:
+            return recent[3], recent[4], recent[5]
         rows: list[int] = []
         vals: list[float] = []
         misses: list[tuple[int, str]] = []
-        encode_into(x, self._lookup, rows, vals, misses)
-        return rows, vals, misses
+        has_list = encode_into(x, self._lookup, rows, vals, misses)
+        r, v = np.array(rows, np.int64), np.array(vals, np.float64)
+        cacheable = type(x) is dict and not has_list
+        self._recent = (x, self._generation, x.copy(), r, v, misses) if cacheable else None
+        return r, v, misses
 
     @property
-    def _lookup(self) -> Callable[[str, int], int]:
+    def _lookup(self) -> Callable[[str], int | None]:
         return self._index.get if self.hash_bits is None else self._bucket
 
-    def _bucket(self, key: str, default: int) -> int:
+    def _bucket(self, key: str) -> int:
         return zlib.crc32(key.encode("utf-8", "surrogatepass"), self._hash_salt) & self._mask
 
     # ------------------------------------------------------------------ prediction
@@ -272,6 +307,7 @@ class SparseFM(base.Classifier):
 
     def _learn_encoded(self, encoded: _Encoded, labels: np.ndarray) -> np.ndarray:
         rows, vals, offsets, misses = encoded
+        self._init_new()  # rows the encoding gave out
         n = len(offsets) - 1
         out = np.empty(n)
         vals_a = np.array(vals, np.float64)
@@ -299,7 +335,7 @@ class SparseFM(base.Classifier):
         start: int,
         stop: int,
     ) -> None:
-        if start == 0 and stop == len(offsets) - 1:  # the whole batch: no slicing (learn_one's path)
+        if start == 0 and stop == len(offsets) - 1:  # the whole batch: no slicing
             r, v, o, lab, o_ = np.array(rows, np.int64), vals, offsets, labels, out
         else:
             a, b = offsets[start], offsets[stop]
@@ -319,8 +355,17 @@ class SparseFM(base.Classifier):
         train_until: Callable[[int], None],
     ) -> None:
         """Give rows to the keys the index lacks, in sample order (admission, eviction)."""
-        new_rows: list[int] = []
-        new_keys: list[str] = []
+        if self.max_features is None and self.min_count <= 1:
+            # unbounded: every key is admitted and nothing is evicted, so no flush is needed; a
+            # cold batch repeats its new keys many times over, hence this lean loop
+            get = self._index.get
+            for j, key in misses:
+                row = get(key, -1)
+                if row < 0:
+                    row = self._new_row(key)
+                rows[j] = row
+            self._init_new()
+            return
         s = 0
         mi = 0
         while mi < len(misses):
@@ -333,7 +378,7 @@ class SparseFM(base.Classifier):
                 if self.max_features is not None and len(self._index) >= self.max_features:
                     # eviction reuses rows: train what came before this sample first, then look
                     # up again every later reference to an evicted row
-                    self._init_new(new_rows, new_keys)
+                    self._init_new()
                     train_until(s)
                     # protect every row this sample uses, including keys it has yet to look up
                     end = offsets[s + 1]
@@ -351,12 +396,10 @@ class SparseFM(base.Classifier):
                         mi = 0
                 if self.max_features is None or len(self._index) < self.max_features:
                     row = self._new_row(key)
-                    new_rows.append(row)
-                    new_keys.append(key)
                 else:
                     self.n_rejected += 1  # this one sample holds every row the model may have
             rows[j] = row
-        self._init_new(new_rows, new_keys)
+        self._init_new()
 
     def _admit(self, key: str) -> bool:
         if self.min_count <= 1:
@@ -373,6 +416,7 @@ class SparseFM(base.Classifier):
 
     def _new_row(self, key: str) -> int:
         """Give ``key`` a row; its parameters are (re)set by ``_init_new`` before any training."""
+        self._generation += 1
         if self._free:
             row = self._free.pop()
         else:
@@ -383,19 +427,33 @@ class SparseFM(base.Classifier):
         self._index[key] = row
         self._keys[row] = key
         self._key_bytes += sys.getsizeof(key)
+        self._fresh_rows.append(row)
+        self._fresh_keys.append(key)
         return row
 
-    def _init_new(self, rows: list[int], keys: list[str]) -> None:
-        """Start new rows from scratch: w = 0, optimizer state 0, untouched, V from (seed, key)."""
+    def _forget_fresh(self) -> None:
+        """Take back the rows given out since the last ``_init_new`` (an encoding that failed)."""
+        for row, key in zip(self._fresh_rows, self._fresh_keys, strict=True):
+            self._drop_row(row, key)
+        self._fresh_rows.clear()
+        self._fresh_keys.clear()
+
+    def _drop_row(self, row: int, key: str) -> None:
+        self._generation += 1
+        del self._index[key]
+        self._keys[row] = None
+        self._key_bytes -= sys.getsizeof(key)
+        self._free.append(row)
+
+    def _init_new(self) -> None:
+        """Start the fresh rows from scratch: w = 0, optimizer state 0, untouched, V from (seed, key)."""
+        rows, keys = self._fresh_rows, self._fresh_keys
         if rows:
-            r = np.array(rows, np.int64)
-            self._w[r] = 0.0
-            self._last[r] = _UNTOUCHED
-            if self._gw.shape[0]:
-                self._gw[r] = 0.0
-                self._gV[r] = 0.0
             data, offsets = encode_keys(keys)
-            _kernels.init_rows(self._V, r, _kernels.key_seeds(data, offsets, self._seed64), self.init_std)
+            _kernels.reset_rows(
+                np.array(rows, np.int64), data, offsets, self._seed64, self.init_std,
+                self._w, self._V, self._gw, self._gV, self._last,
+            )  # fmt: skip
             rows.clear()
             keys.clear()
 
@@ -416,10 +474,7 @@ class SparseFM(base.Classifier):
             key = self._keys[r]
             assert key is not None
             evicted[r] = key
-            del self._index[key]
-            self._keys[r] = None
-            self._key_bytes -= sys.getsizeof(key)
-            self._free.append(r)
+            self._drop_row(r, key)
         self.n_evicted += len(evicted)
         return evicted
 
@@ -555,12 +610,25 @@ _PARAMS = (
 )
 
 
+class _Index(dict):
+    """Feature key -> row. ``get`` never inserts (prediction); ``[]`` on a missing key calls
+    ``new_row(key)``, which inserts it (learning in unbounded mode)."""
+
+    __slots__ = ("_new_row",)
+
+    def __init__(self, new_row: Callable[[str], int]) -> None:
+        super().__init__()
+        self._new_row = new_row
+
+    def __missing__(self, key: str) -> int:
+        return self._new_row(key)
+
+
 def encode_keys(keys: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
     """Strings -> (uint8 UTF-8 bytes back to back, int64 offsets of length n + 1)."""
     blobs = [k.encode("utf-8", "surrogatepass") for k in keys]
-    offsets = np.zeros(len(blobs) + 1, np.int64)
-    np.cumsum([len(b) for b in blobs], out=offsets[1:])
-    return np.frombuffer(b"".join(blobs), np.uint8).copy(), offsets
+    offsets = np.fromiter(itertools.accumulate(map(len, blobs), initial=0), np.int64, len(blobs) + 1)
+    return np.frombuffer(b"".join(blobs), np.uint8), offsets
 
 
 def decode_keys(data: np.ndarray, offsets: np.ndarray) -> list[str]:

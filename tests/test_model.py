@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -372,6 +373,38 @@ def test_a_bad_sample_in_a_batch_learns_nothing():
         model.learn_batch([{"a": "1"}, {"a": None}], [True, False])
     assert info.value.index == 1
     assert model.samples_seen == 0 and model.n_features == 0
+    # and the failed batch left no trace: the same good batch then gives the same model
+    fresh = SparseFM()
+    good = [{"a": "1", "b": "2"}, {"a": "3"}]
+    for m in (model, fresh):
+        m.learn_batch(good, [True, False])
+    assert model.n_features == fresh.n_features == 3
+    assert model.predict_proba_batch(good).tolist() == fresh.predict_proba_batch(good).tolist()
+
+
+@pytest.mark.parametrize(
+    ("before", "change"),
+    [
+        ({"a": "1", "n": 2.0}, lambda x: x.update(a="2")),
+        ({"a": "1", "n": 2.0}, lambda x: x.pop("n")),
+        ({"a": "1", "g": ["x"]}, lambda x: x["g"].append("y")),  # a change a shallow copy cannot see
+    ],
+)
+def test_learn_one_sees_a_sample_changed_after_it_was_predicted(before, change):
+    """learn_one reuses the encoding of the sample just predicted only if that dict is unchanged."""
+    model, reference = SparseFM(), SparseFM()
+    warm = {"a": "1", "g": ["x"], "n": 2.0}
+    for m in (model, reference):
+        m.learn_one(warm, True)
+    x = dict(before, g=list(before["g"])) if "g" in before else dict(before)
+    model.predict_proba_one(x)
+    change(x)
+    model.learn_one(x, True)
+    reference.learn_one(copy.deepcopy(x), True)
+    probe = {"a": "1", "g": ["x", "y"], "n": 2.0}
+    assert model.n_features == reference.n_features
+    assert model.predict_proba_one(probe) == reference.predict_proba_one(probe)
+    assert model.predict_proba_one({"a": "2"}) == reference.predict_proba_one({"a": "2"})
 
 
 @pytest.mark.parametrize("label", [2, -1, "yes", None, 0.5])
