@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from stream_fm.errors import ConfigError, FeatureError, LabelError, StreamFMError
+from stream_fm.errors import ConfigError, FeatureError, LabelError, SnapshotError, StreamFMError
 from stream_fm.model import SparseFM
 
-__all__ = ["ConfigError", "FeatureError", "LabelError", "SparseFM", "StreamFMError", "__version__"]
+__all__ = [
+    "ConfigError",
+    "FeatureError",
+    "LabelError",
+    "SnapshotError",
+    "SparseFM",
+    "StreamFMError",
+    "__version__",
+]
 
 __version__ = "0.1.0"

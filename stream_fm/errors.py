@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "FeatureError", "LabelError", "StreamFMError"]
+__all__ = ["ConfigError", "FeatureError", "LabelError", "SnapshotError", "StreamFMError"]
 
 
 class StreamFMError(Exception):
@@ -38,3 +38,11 @@ class LabelError(StreamFMError, ValueError):
     def __init__(self, label: object) -> None:
         self.label = label
         super().__init__(f"label {label!r} is not allowed: expected a bool or 0/1")
+
+
+class SnapshotError(StreamFMError):
+    """A snapshot cannot be written, or is missing, incomplete or corrupt; ``path`` names it."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        self.path, self.reason = path, reason
+        super().__init__(f"snapshot {str(path)!r}: {reason}")

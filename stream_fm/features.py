@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
 from stream_fm.errors import FeatureError
 
-__all__ = ["ALLOWED", "encode_into", "keys_of"]
+__all__ = ["ALLOWED", "encode_batch", "encode_into", "keys_of"]
 
 ALLOWED = "a str, a finite int/float, a bool, or a list/tuple of str"
 
@@ -105,6 +105,26 @@ def encode_into(
         add_row(row)
         add_val(x_val)
     return has_list
+
+
+def encode_batch(
+    xs: Iterable[Mapping[str, Any]], lookup: Lookup
+) -> tuple[list[int], list[float], list[int], list[tuple[int, str]]]:
+    """Many samples in CSR form: (rows, x values, offsets, misses); see :func:`encode_into`.
+
+    A bad sample raises :class:`FeatureError` with ``index`` set to its position.
+    """
+    rows: list[int] = []
+    vals: list[float] = []
+    offsets = [0]
+    misses: list[tuple[int, str]] = []
+    for i, x in enumerate(xs):
+        try:
+            encode_into(x, lookup, rows, vals, misses)
+        except FeatureError as e:
+            raise FeatureError(e.field, e.reason, index=i) from None
+        offsets.append(len(rows))
+    return rows, vals, offsets, misses
 
 
 def keys_of(x: Mapping[str, Any]) -> list[tuple[str, float]]:

@@ -18,9 +18,9 @@ from river import base
 
 from stream_fm import _kernels
 from stream_fm.errors import ConfigError, FeatureError, LabelError
-from stream_fm.features import encode_into
+from stream_fm.features import encode_batch, encode_into
 
-__all__ = ["SparseFM"]
+__all__ = ["SparseFM", "StateCapture", "bucket_lookup", "decode_keys", "encode_keys"]
 
 _OPTIMIZERS = {"sgd": _kernels.OPT_SGD, "adagrad": _kernels.OPT_ADAGRAD}
 _ADAGRAD_EPS = 1e-8
@@ -134,8 +134,7 @@ class SparseFM(base.Classifier):
         self._opt = _OPTIMIZERS[optimizer]
         self._hp = np.array([self.learning_rate, self.l2_w, self.l2_v, self.clip_gradient, _ADAGRAD_EPS])
         self._seed64 = np.uint64(self.seed)
-        self._hash_salt = zlib.crc32(self.seed.to_bytes(8, "little"))
-        self._mask = (1 << self.hash_bits) - 1 if self.hash_bits is not None else 0
+        self._bucket = None if self.hash_bits is None else bucket_lookup(self.seed, self.hash_bits)
         self._counts = np.zeros(2, np.int64)  # [skipped, newly trained rows]: written by kernels
         self.samples_seen = 0
         self.n_evicted = 0
@@ -178,6 +177,11 @@ class SparseFM(base.Classifier):
         if self.hash_bits is None:
             return len(self._index)
         return int(self._counts[1])
+
+    @property
+    def n_rows(self) -> int:
+        """Parameter rows in use or free (the size of a state capture)."""
+        return self._n_rows
 
     @property
     def w0(self) -> float:
@@ -244,21 +248,14 @@ class SparseFM(base.Classifier):
         """Encode a batch. ``learning`` in unbounded mode gives unknown keys their rows at once
         (the index's ``[]``), in order of first appearance as a sample loop would: a cold batch
         repeats its new keys many times, and each repeat is then a plain dict hit."""
-        rows: list[int] = []
-        vals: list[float] = []
-        offsets = [0]
-        misses: list[tuple[int, str]] = []
         lookup = self._lookup
         if learning and lookup == self._index.get and self.max_features is None and self.min_count <= 1:
             lookup = self._index.__getitem__
-        for i, x in enumerate(xs):
-            try:
-                encode_into(x, lookup, rows, vals, misses)
-            except FeatureError as e:
-                self._forget_fresh()  # a bad sample: the batch learns nothing, keeps no new key
-                raise FeatureError(e.field, e.reason, index=i) from None
-            offsets.append(len(rows))
-        return rows, vals, offsets, misses
+        try:
+            return encode_batch(xs, lookup)
+        except FeatureError:
+            self._forget_fresh()  # a bad sample: the batch learns nothing, keeps no new key
+            raise
 
     def _encode_one(self, x: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
         """One sample as (rows, x values, misses), without ``_encode``'s batch bookkeeping.
@@ -281,10 +278,7 @@ class SparseFM(base.Classifier):
 
     @property
     def _lookup(self) -> Callable[[str], int | None]:
-        return self._index.get if self.hash_bits is None else self._bucket
-
-    def _bucket(self, key: str) -> int:
-        return zlib.crc32(key.encode("utf-8", "surrogatepass"), self._hash_salt) & self._mask
+        return self._index.get if self._bucket is None else self._bucket
 
     # ------------------------------------------------------------------ prediction
 
@@ -511,22 +505,22 @@ class SparseFM(base.Classifier):
         bytes (``surrogatepass``) back to back plus offsets, so any string round-trips exactly.
         The returned arrays are copies, safe to hand to another thread.
         """
+        return self.capture_state().materialize()
+
+    def capture_state(self, buffers: dict[str, np.ndarray] | None = None) -> StateCapture:
+        """The fast half of :meth:`export_state`: a consistent copy of the state, taken while the
+        caller holds the model still (parameter arrays copied, key strings referenced: they are
+        immutable). ``materialize()`` does the rest and may run on another thread.
+
+        ``buffers`` (name -> array, owned by the caller and filled in here) lets a periodic
+        writer copy into memory it already holds: copying into fresh memory costs a page fault
+        per 4 KiB, several times the copy itself. The arrays returned are then views into those
+        buffers, valid until the next capture into them.
+        """
         n = self._n_rows
-        arrays = {
-            "bias": self._bias.copy(),
-            "w": self._w[:n].copy(),
-            "V": self._V[:n].copy(),
-            "last": self._last[:n].copy(),
-            "free": np.array(self._free, np.int64),
-        }
-        if self._gw.shape[0]:
-            arrays["gw"] = self._gw[:n].copy()
-            arrays["gV"] = self._gV[:n].copy()
-        if self.hash_bits is None:
-            arrays["key_bytes"], arrays["key_offsets"] = encode_keys(k or "" for k in self._keys[:n])
-        if self._pending:
-            arrays["pending_key_bytes"], arrays["pending_key_offsets"] = encode_keys(self._pending)
-            arrays["pending_counts"] = np.fromiter(self._pending.values(), np.int64, len(self._pending))
+        arrays = {"bias": self._bias.copy(), "free": np.array(self._free, np.int64)}
+        for name, a in self._row_arrays().items():
+            arrays[name] = _copy_rows(a, n, buffers, name)
         meta = {
             "class": type(self).__name__,
             "state_format": _STATE_FORMAT,
@@ -539,7 +533,32 @@ class SparseFM(base.Classifier):
             "n_skipped": self.n_skipped,
             "n_trained_rows": int(self._counts[1]),
         }
-        return arrays, meta
+        keys = self._keys[:n] if self.hash_bits is None else None
+        return StateCapture(arrays, meta, keys, list(self._pending.items()))
+
+    def reserve_buffers(self, buffers: dict[str, np.ndarray]) -> int:
+        """Grow ``buffers`` for :meth:`capture_state` ahead of need, touching every page.
+
+        A periodic writer calls this on its own thread between snapshots, so that the capture on
+        the learner's thread is a plain copy, never a page fault. Returns the row count up to
+        which the buffers fit.
+        """
+        n = self._n_rows
+        target = n + n // 4 + 1024
+        for name, a in self._row_arrays().items():
+            buf = buffers.get(name)
+            if buf is None or buf.shape[0] < target or buf.shape[1:] != a.shape[1:] or buf.dtype != a.dtype:
+                buf = np.zeros((target, *a.shape[1:]), a.dtype)
+                buf.fill(0)  # np.zeros maps lazily: write every page now
+                buffers[name] = buf
+        return min(b.shape[0] for b in buffers.values())
+
+    def _row_arrays(self) -> dict[str, np.ndarray]:
+        """The per-row parameter arrays, by the names the state uses."""
+        arrays = {"w": self._w, "V": self._V, "last": self._last}
+        if self._gw.shape[0]:
+            arrays.update(gw=self._gw, gV=self._gV)
+        return arrays
 
     @classmethod
     def from_state(cls, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> SparseFM:
@@ -610,6 +629,31 @@ _PARAMS = (
 )
 
 
+class StateCapture:
+    """A model's state copied at one instant (:meth:`SparseFM.capture_state`)."""
+
+    def __init__(
+        self,
+        arrays: dict[str, np.ndarray],
+        meta: dict[str, Any],
+        keys: list[str | None] | None,
+        pending: list[tuple[str, int]],
+    ) -> None:
+        self.arrays, self.meta, self._keys, self._pending = arrays, meta, keys, pending
+
+    def materialize(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """(arrays, meta) as :meth:`SparseFM.export_state` returns them: keys encoded to bytes."""
+        arrays = dict(self.arrays)
+        if self._keys is not None:
+            arrays["key_bytes"], arrays["key_offsets"] = encode_keys(k or "" for k in self._keys)
+        if self._pending:
+            arrays["pending_key_bytes"], arrays["pending_key_offsets"] = encode_keys(
+                k for k, _ in self._pending
+            )
+            arrays["pending_counts"] = np.array([c for _, c in self._pending], np.int64)
+        return arrays, dict(self.meta)
+
+
 class _Index(dict):
     """Feature key -> row. ``get`` never inserts (prediction); ``[]`` on a missing key calls
     ``new_row(key)``, which inserts it (learning in unbounded mode)."""
@@ -622,6 +666,30 @@ class _Index(dict):
 
     def __missing__(self, key: str) -> int:
         return self._new_row(key)
+
+
+def bucket_lookup(seed: int, hash_bits: int) -> Callable[[str], int]:
+    """Hashing mode's key -> row: CRC-32 of the key's UTF-8 bytes, started from the CRC-32 of the
+    seed (8 bytes, little-endian), keeping the low ``hash_bits`` bits."""
+    salt = zlib.crc32(seed.to_bytes(8, "little"))
+    mask = (1 << hash_bits) - 1
+
+    def bucket(key: str) -> int:
+        return zlib.crc32(key.encode("utf-8", "surrogatepass"), salt) & mask
+
+    return bucket
+
+
+def _copy_rows(a: np.ndarray, n: int, buffers: dict[str, np.ndarray] | None, name: str) -> np.ndarray:
+    """``a[:n].copy()``, into ``buffers[name]`` when given (grown with a quarter of headroom)."""
+    if buffers is None:
+        return a[:n].copy()
+    buf = buffers.get(name)
+    if buf is None or buf.shape[0] < n or buf.shape[1:] != a.shape[1:] or buf.dtype != a.dtype:
+        buf = buffers[name] = np.empty((n + n // 4 + 1024, *a.shape[1:]), a.dtype)
+    out = buf[:n]
+    np.copyto(out, a[:n])
+    return out
 
 
 def encode_keys(keys: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,170 @@
+"""The serving side: load a snapshot into a read-only Predictor, and hot-reload new ones.
+
+A serving process (often on another machine) loads what the worker publishes:
+
+>>> import tempfile
+>>> from stream_fm import SparseFM, snapshot
+>>> model = SparseFM(seed=1)
+>>> x = {"ad": "a17", "user": "u1"}
+>>> model.learn_one(x, True)
+>>> root = tempfile.mkdtemp()
+>>> _ = snapshot.write(root, model)
+>>> predictor = load(root)
+>>> predictor.predict(x) == model.predict_proba_one(x)[True]
+True
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stream_fm import _kernels, snapshot
+from stream_fm.errors import SnapshotError
+from stream_fm.features import encode_batch, encode_into
+from stream_fm.model import bucket_lookup, decode_keys
+
+__all__ = ["Predictor", "Watcher", "load"]
+
+log = logging.getLogger(__name__)
+
+
+def load(path: str | Path) -> Predictor:
+    """A :class:`Predictor` for ``path``: a snapshot directory, or a root (``LATEST``, falling
+    back to the newest valid snapshot with a log line if that one is missing or corrupt).
+
+    Every file is checked against the manifest's sha256 first; a bad snapshot raises
+    :class:`~stream_fm.errors.SnapshotError` and is never half-loaded.
+    """
+    path = Path(path)
+    if (path / snapshot.MANIFEST).exists():
+        return Predictor(snapshot.read(path))
+    return snapshot.read_newest(path, lambda p: Predictor(snapshot.read(p)))
+
+
+class Predictor:
+    """Click probabilities from one snapshot: read-only, safe to share between threads.
+
+    The same feature rules and the same compiled arithmetic as :class:`~stream_fm.SparseFM`, so
+    a prediction equals the live model's at the moment of the snapshot. Parameter arrays stay
+    memory-mapped; only the key index is built in memory.
+    """
+
+    def __init__(self, snap: snapshot.Snapshot) -> None:
+        self.name = snap.name
+        self.path = snap.path
+        self.manifest = snap.manifest
+        config = snap.manifest["model"]["config"]
+        a = snap.model_arrays
+        try:
+            self._bias = np.array(a["bias"], np.float64)
+            # np.asarray: a plain ndarray view of the memory map, which the kernels accept
+            self._w, self._V, self._last = (np.asarray(a[k]) for k in ("w", "V", "last"))
+            self._lookup: Callable[[str], int | None]
+            if config["hash_bits"] is None:
+                keys = decode_keys(a["key_bytes"], a["key_offsets"])
+                free = set(np.asarray(a["free"]).tolist())
+                self._lookup = {key: row for row, key in enumerate(keys) if row not in free}.get
+            else:
+                self._lookup = bucket_lookup(config["seed"], config["hash_bits"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise SnapshotError(snap.path, f"model state is incomplete or inconsistent: {e!r}") from e
+
+    @property
+    def samples_seen(self) -> int:
+        return self.manifest["samples_seen"]
+
+    def predict(self, x: Mapping[str, Any]) -> float:
+        """The click probability of one feature dict (a ``ValueError`` names a bad field)."""
+        rows: list[int] = []
+        vals: list[float] = []
+        encode_into(x, self._lookup, rows, vals, [])
+        return _kernels.predict_one(
+            np.array(rows, np.int64), np.array(vals, np.float64), self._bias, self._w, self._V, self._last
+        )
+
+    def predict_batch(self, xs: Iterable[Mapping[str, Any]]) -> np.ndarray:
+        """Click probabilities for many feature dicts."""
+        rows, vals, offsets, _ = encode_batch(xs, self._lookup)
+        out = np.empty(len(offsets) - 1)
+        _kernels.predict(
+            np.array(rows, np.int64), np.array(vals, np.float64), np.array(offsets, np.int64),
+            self._bias, self._w, self._V, self._last, out,
+        )  # fmt: skip
+        return out
+
+    def __repr__(self) -> str:
+        return f"Predictor({self.name!r}, samples_seen={self.samples_seen})"
+
+
+class Watcher:
+    """Hot reload: polls a snapshot root every ``interval`` seconds and swaps in each new valid
+    snapshot. Readers take ``watcher.predictor`` (one attribute read, atomic); a snapshot that
+    fails to load is logged and counted, and the previous predictor stays.
+
+    ``predictor`` is None until a first valid snapshot exists (the worker may not have written
+    one yet).
+    """
+
+    def __init__(self, root: str | Path, interval: float = 5.0) -> None:
+        self.root = Path(root)
+        self.interval = interval
+        self.predictor: Predictor | None = None
+        self.reloads = 0
+        self.failures = 0
+        self._failed: str | None = None  # the name that failed last: not retried until LATEST moves
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def check(self) -> bool:
+        """Load the newest snapshot if it differs from the current one; True if swapped."""
+        current = self.predictor.name if self.predictor else None
+        latest = snapshot.latest_name(self.root)
+        if latest is not None and latest in (current, self._failed):
+            return False
+        if latest is None and (current or not snapshot.list_snapshots(self.root)):
+            return False  # nothing published yet, or LATEST garbled: keep what we serve
+        try:
+            fresh = load(self.root)
+        except SnapshotError as e:
+            self._failed = latest
+            self.failures += 1
+            log.error("reload failed, still serving %s: %s", current, e)
+            return False
+        if fresh.name == current:
+            self._failed = latest  # LATEST is bad and we already serve the newest valid one
+            return False
+        self.predictor = fresh
+        self.reloads += 1
+        log.info("serving snapshot %s (%d samples)", fresh.name, fresh.samples_seen)
+        return True
+
+    def start(self) -> Watcher:
+        self.check()
+        self._thread = threading.Thread(target=self._run, name="stream-fm-watcher", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.check()
+            except Exception:  # the watcher must outlive any surprise; the old model keeps serving
+                self.failures += 1
+                log.exception("unexpected error while reloading")
+
+    def __enter__(self) -> Watcher:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

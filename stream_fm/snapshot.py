@@ -1,0 +1,558 @@
+"""Snapshots: durable, atomic, checksummed model state on disk (the format is in the README).
+
+A snapshot root holds immutable snapshot directories and a ``LATEST`` file naming the newest
+complete one::
+
+    ROOT/
+      LATEST                                   "snap-0000000042-20261125T101500Z\\n"
+      snap-0000000042-20261125T101500Z/
+        manifest.json                          format, model config, counters, offsets, checksums
+        manifest.json.sha256                   the manifest's own sha256 (hex)
+        model.w.npy  model.V.npy  ...          the model's arrays (numpy .npy, no pickle)
+        extra.<name>.npy                       arrays the caller added (the worker's join state)
+
+Publishing is atomic: files are written into a temporary directory in the same root and fsynced,
+the directory is renamed into place and fsynced, then ``LATEST`` is replaced by rename. A crash or
+a full disk at any instant leaves the previous snapshot and ``LATEST`` as they were.
+
+:func:`write` publishes one snapshot synchronously; :class:`SnapshotWriter` is the worker's
+periodic writer (copy in memory on the caller's thread, write on a background thread);
+:func:`read` verifies and loads one, and :func:`read_newest` finds the newest valid one in a root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from stream_fm.errors import SnapshotError
+from stream_fm.model import SparseFM, StateCapture
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Extra",
+    "Snapshot",
+    "SnapshotWriter",
+    "latest_name",
+    "list_snapshots",
+    "read",
+    "read_newest",
+    "restore",
+    "write",
+]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MANIFEST_SHA256 = "manifest.json.sha256"  # the manifest's own checksum: hex sha256 of its bytes
+LATEST = "LATEST"
+_NAME = re.compile(r"^snap-(\d{10})-(\d{8}T\d{6}Z)$")
+_ARRAY_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
+_TMP_PREFIX = ".tmp-"
+_TRASH_PREFIX = ".trash-"
+
+
+@dataclass
+class Extra:
+    """What a caller stores beside the model: named arrays, a JSON-able dict, Kafka offsets."""
+
+    arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    offsets: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Snapshot:
+    """A verified snapshot: its directory, manifest, and arrays (memory-mapped, read-only)."""
+
+    path: Path
+    manifest: dict[str, Any]
+    model_arrays: dict[str, np.ndarray]
+    extra_arrays: dict[str, np.ndarray]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def offsets(self) -> dict[str, Any]:
+        return self.manifest["offsets"]
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        return self.manifest["extra"]
+
+
+# ---------------------------------------------------------------------------------------- writing
+
+
+def write(
+    root: str | os.PathLike[str], model: SparseFM, extra: Extra | None = None, *, keep: int | None = None
+) -> Path:
+    """Publish one snapshot of ``model`` (and ``extra``) under ``root``; returns its directory.
+
+    ``keep``: afterwards delete all but the newest ``keep`` snapshots (never the one ``LATEST``
+    names, nor one a reader holds). Raises :class:`SnapshotError` if it cannot be written, in
+    which case the previous snapshot and ``LATEST`` are untouched.
+    """
+    return _Capture.take(model, extra).publish(Path(root), keep=keep)
+
+
+class _Capture:
+    """Model state, extra state and offsets copied at one instant (the caller's thread)."""
+
+    def __init__(self, state: StateCapture, extra: Extra) -> None:
+        self.state = state
+        self.extra = extra
+        self.created = datetime.now(UTC)
+
+    @classmethod
+    def take(
+        cls, model: SparseFM, extra: Extra | None, buffers: dict[str, np.ndarray] | None = None
+    ) -> _Capture:
+        extra = extra or Extra()
+        for name in extra.arrays:
+            if not _ARRAY_NAME.match(name):
+                raise SnapshotError(name, "extra array names must match [A-Za-z0-9_][A-Za-z0-9_.-]*")
+        # the caller's containers may change as soon as we return: copy them now
+        copied = Extra(
+            arrays={k: np.array(v, copy=True) for k, v in extra.arrays.items()},
+            meta=json.loads(json.dumps(extra.meta)),
+            offsets=json.loads(json.dumps(extra.offsets)),
+        )
+        return cls(model.capture_state(buffers), copied)
+
+    def publish(self, root: Path, keep: int | None = None) -> Path:
+        """Write, fsync and rename into place, then point ``LATEST`` at it (background-safe)."""
+        root.mkdir(parents=True, exist_ok=True)
+        arrays, meta = self.state.materialize()
+        sequence = _next_sequence(root)
+        name = f"snap-{sequence:010d}-{self.created.strftime('%Y%m%dT%H%M%SZ')}"
+        tmp = root / f"{_TMP_PREFIX}{name}-{os.getpid()}"
+        published = None
+        try:
+            tmp.mkdir()
+            files: dict[str, Any] = {}
+            for prefix, group in (("model", arrays), ("extra", self.extra.arrays)):
+                for key, array in group.items():
+                    files[f"{prefix}.{key}.npy"] = _write_array(tmp / f"{prefix}.{key}.npy", array)
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "name": name,
+                "created_at": self.created.isoformat().replace("+00:00", "Z"),
+                "sequence": sequence,
+                "model": meta,
+                "samples_seen": meta["samples_seen"],
+                "n_features": meta["n_features"],
+                "offsets": self.extra.offsets,
+                "extra": self.extra.meta,
+                "files": files,
+            }
+            body = json.dumps(manifest, indent=1, sort_keys=True).encode()
+            _write_bytes(tmp / MANIFEST, body)
+            _write_bytes(tmp / MANIFEST_SHA256, f"{hashlib.sha256(body).hexdigest()}\n".encode())
+            _fsync_dir(tmp)
+            os.rename(tmp, root / name)
+            published = root / name
+            _fsync_dir(root)
+            _write_bytes(root / f"{_TMP_PREFIX}{LATEST}-{os.getpid()}", f"{name}\n".encode())
+            os.replace(root / f"{_TMP_PREFIX}{LATEST}-{os.getpid()}", root / LATEST)
+            _fsync_dir(root)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if published is not None and latest_name(root) != name:
+                shutil.rmtree(published, ignore_errors=True)  # complete, but never announced
+            with contextlib.suppress(OSError):
+                os.unlink(root / f"{_TMP_PREFIX}{LATEST}-{os.getpid()}")
+            raise SnapshotError(root / name, f"write failed: {e}") from e
+        if keep is not None:
+            prune(root, keep)
+        return root / name
+
+
+def _write_array(path: Path, array: np.ndarray) -> dict[str, Any]:
+    with _open_new(path) as raw:
+        out = _HashingFile(raw)
+        np.save(out, np.ascontiguousarray(array), allow_pickle=False)
+        raw.flush()
+        os.fsync(raw.fileno())
+    return {
+        "sha256": out.sha256.hexdigest(),
+        "size": out.size,
+        "dtype": array.dtype.str,
+        "shape": list(array.shape),
+    }
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with _open_new(path) as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _open_new(path: Path) -> BinaryIO:
+    # one place where snapshot files are created: tests replace it to simulate a full disk
+    return open(path, "xb")
+
+
+class _HashingFile:
+    """A write-only file wrapper that hashes and counts what passes through it."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw, self.sha256, self.size = raw, hashlib.sha256(), 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        self.sha256.update(data)
+        self.size += memoryview(data).nbytes
+        return self.raw.write(data)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _next_sequence(root: Path) -> int:
+    return max((seq for seq, _ in list_snapshots(root)), default=0) + 1
+
+
+# ---------------------------------------------------------------------------------------- retention
+
+
+def prune(root: str | os.PathLike[str], keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` snapshots; returns the names deleted.
+
+    Never deletes the snapshot ``LATEST`` names, nor one a reader holds (readers take a shared
+    ``flock`` on its manifest while they verify and load). Also clears temporary directories left
+    by writers that died.
+    """
+    root = Path(root)
+    if keep < 1:
+        raise SnapshotError(root, f"keep={keep}: retention must keep at least 1 snapshot")
+    latest = latest_name(root)
+    deleted = []
+    for _, name in list_snapshots(root)[:-keep]:
+        if name == latest:
+            continue
+        path = root / name
+        try:
+            with open(path / MANIFEST, "rb") as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a reader holds LOCK_SH
+                trash = root / f"{_TRASH_PREFIX}{name}-{os.getpid()}"
+                os.rename(path, trash)
+        except BlockingIOError:
+            log.info("snapshot %s is being read; keeping it until the next retention pass", name)
+            continue
+        except OSError as e:
+            log.warning("could not delete snapshot %s: %s", name, e)
+            continue
+        shutil.rmtree(trash, ignore_errors=True)
+        deleted.append(name)
+    for leftover in root.iterdir():
+        if leftover.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)) and not _pid_alive(leftover.name):
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(
+                missing_ok=True
+            )
+    return deleted
+
+
+def _pid_alive(name: str) -> bool:
+    pid = name.rsplit("-", 1)[-1]
+    if not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---------------------------------------------------------------------------------------- reading
+
+
+def list_snapshots(root: str | os.PathLike[str]) -> list[tuple[int, str]]:
+    """(sequence, name) of the snapshot directories in ``root``, oldest first (not verified)."""
+    try:
+        entries = os.listdir(root)
+    except FileNotFoundError:
+        return []
+    found = [(int(m.group(1)), name) for name in entries if (m := _NAME.match(name))]
+    return sorted(found)
+
+
+def read(path: str | os.PathLike[str]) -> Snapshot:
+    """Verify and load one snapshot directory. Raises :class:`SnapshotError` if anything is
+    missing, truncated or does not match its checksum; nothing is returned half-loaded."""
+    path = Path(path)
+    with _reading(path):
+        manifest = _read_manifest(path)
+        arrays: dict[str, dict[str, np.ndarray]] = {"model": {}, "extra": {}}
+        for fname, info in manifest["files"].items():
+            prefix, _, rest = fname.partition(".")
+            key = rest.removesuffix(".npy")
+            if (
+                prefix not in arrays
+                or not fname.endswith(".npy")
+                or "/" in fname
+                or not _ARRAY_NAME.match(key)
+            ):
+                raise SnapshotError(path, f"manifest lists an unexpected file {fname!r}")
+            arrays[prefix][key] = _read_array(path / fname, info)
+    return Snapshot(path, manifest, arrays["model"], arrays["extra"])
+
+
+def restore(path: str | os.PathLike[str]) -> tuple[SparseFM, Snapshot]:
+    """The model stored in a snapshot directory, ready to learn on, and the snapshot itself."""
+    snap = read(path)
+    return SparseFM.from_state(snap.model_arrays, snap.manifest["model"]), snap
+
+
+def read_newest(root: str | os.PathLike[str], loader: Callable[[Path], Any] = read) -> Any:
+    """``loader`` applied to the newest valid snapshot under ``root`` (default: :func:`read`).
+
+    Tries the one ``LATEST`` names first, then every other from newest to oldest; each one that
+    fails is logged with the reason. Raises :class:`SnapshotError` if none is valid.
+    """
+    root = Path(root)
+    for _ in range(3):
+        latest = latest_name(root)
+        names = [name for _, name in reversed(list_snapshots(root))]
+        if latest is not None and latest in names:
+            names.remove(latest)
+            names.insert(0, latest)
+        elif (root / LATEST).exists():
+            log.warning("%s/LATEST does not name a snapshot here; using the newest valid one", root)
+        problems = []
+        for name in names:
+            try:
+                result = loader(root / name)
+            except SnapshotError as e:
+                problems.append(str(e))
+                log.warning("skipping snapshot %s: %s", name, e.reason)
+                continue
+            if name != latest:
+                log.warning("loaded %s instead of LATEST (%s)", name, latest)
+            return result
+        if latest_name(root) == latest:
+            break
+        # a writer published (and retention deleted what we were about to read) meanwhile: again
+    detail = "; ".join(problems) if problems else "none found"
+    raise SnapshotError(root, f"no valid snapshot: {detail}")
+
+
+def latest_name(root: str | os.PathLike[str]) -> str | None:
+    """The snapshot name ``LATEST`` holds, or None if it is missing or not a snapshot name."""
+    root = Path(root)
+    try:
+        text = (root / LATEST).read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return None
+    return text if _NAME.match(text) else None
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Hold a shared lock on the manifest, so that retention does not delete it meanwhile."""
+    try:
+        f = open(path / MANIFEST, "rb")
+    except FileNotFoundError:
+        raise SnapshotError(path, f"{MANIFEST} is missing (not a snapshot, or deleted)") from None
+    except OSError as e:
+        raise SnapshotError(path, f"cannot open {MANIFEST}: {e}") from e
+    with f:
+        fcntl.flock(f, fcntl.LOCK_SH)
+        yield
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        body = (path / MANIFEST).read_bytes()
+        expected = (path / MANIFEST_SHA256).read_text(encoding="ascii", errors="replace").strip()
+    except OSError as e:
+        raise SnapshotError(path, f"{MANIFEST} or its checksum is unreadable: {e}") from e
+    if hashlib.sha256(body).hexdigest() != expected:
+        raise SnapshotError(path, f"{MANIFEST} does not match {MANIFEST_SHA256} (corrupt)")
+    try:
+        manifest = json.loads(body)
+    except ValueError as e:
+        raise SnapshotError(path, f"{MANIFEST} is not JSON: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        got = manifest.get("format_version") if isinstance(manifest, dict) else None
+        raise SnapshotError(path, f"format_version {got!r} is not supported (expected {FORMAT_VERSION})")
+    required = ("created_at", "sequence", "model", "samples_seen", "n_features", "offsets", "extra", "files")
+    missing = [k for k in required if k not in manifest]
+    if missing or not isinstance(manifest["files"], dict):
+        raise SnapshotError(path, f"{MANIFEST} lacks {missing or ['files']}")
+    return manifest
+
+
+def _read_array(path: Path, info: Mapping[str, Any]) -> np.ndarray:
+    where = path.parent
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise SnapshotError(where, f"{path.name} is missing") from None
+    if size != info["size"]:
+        raise SnapshotError(
+            where, f"{path.name} has {size} bytes, the manifest says {info['size']} (truncated?)"
+        )
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != info["sha256"]:
+        raise SnapshotError(where, f"{path.name} does not match its sha256 (corrupt)")
+    try:
+        # memory-mapped and read-only: a serving process shares the pages with the page cache
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        raise SnapshotError(where, f"{path.name} is not a plain numpy array: {e}") from e
+    if array.dtype.str != info["dtype"] or list(array.shape) != list(info["shape"]):
+        raise SnapshotError(where, f"{path.name} is {array.dtype.str}{array.shape}, the manifest disagrees")
+    return array
+
+
+# ---------------------------------------------------------------------------------------- the worker's writer
+
+
+class SnapshotWriter:
+    """Periodic snapshots for a running learner: every ``every_seconds`` and/or ``every_samples``,
+    and on demand.
+
+    The caller's thread only copies the state in memory (:meth:`maybe_write` returns after the
+    copy); a background thread writes it. At most one write is in flight: a trigger that fires
+    meanwhile is skipped and taken at the next call. A failed write is counted and logged, never
+    raised, and retried at the next trigger.
+
+    Attributes (read by the metrics layer): ``last_success`` (Unix time), ``last_path``,
+    ``last_bytes``, ``last_write_seconds``, ``last_pause_seconds``, ``failures``, ``written``.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        every_seconds: float | None = 60.0,
+        every_samples: int | None = None,
+        keep: int = 5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if keep < 1:
+            raise SnapshotError(root, f"keep={keep}: retention must keep at least 1 snapshot")
+        self.root = Path(root)
+        self.every_seconds = every_seconds
+        self.every_samples = every_samples
+        self.keep = keep
+        self._clock = clock
+        self._buffers: dict[str, np.ndarray] = {}  # reused by every capture (no page faults)
+        self._reserved_rows = 0  # the buffers fit a model of up to this many rows
+        self._thread: threading.Thread | None = None
+        self._last_time = clock()
+        self._last_samples: int | None = None
+        self.last_success: float | None = None
+        self.last_path: Path | None = None
+        self.last_bytes = 0
+        self.last_write_seconds = 0.0
+        self.last_pause_seconds = 0.0
+        self.failures = 0
+        self.written = 0
+        self.last_error: str | None = None
+
+    def due(self, samples_seen: int) -> bool:
+        if self._last_samples is None:
+            self._last_samples = samples_seen
+        by_time = self.every_seconds is not None and self._clock() - self._last_time >= self.every_seconds
+        by_count = self.every_samples is not None and samples_seen - self._last_samples >= self.every_samples
+        return by_time or by_count
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def maybe_write(self, model: SparseFM, extra: Callable[[], Extra] | Extra | None = None) -> bool:
+        """Start a background write if a trigger is due and none is in flight; True if started.
+
+        ``extra`` may be a callable, so that building it costs nothing when no write is due.
+        """
+        if self.busy:
+            return False
+        if not self.due(model.samples_seen):
+            if model.n_rows * 5 // 4 > self._reserved_rows:
+                self._run(self._reserve, model)  # grow the copy buffers while there is time
+            return False
+        self._start(model, extra() if callable(extra) else extra)
+        return True
+
+    def write_now(self, model: SparseFM, extra: Extra | None = None, timeout: float | None = None) -> bool:
+        """Wait for any write in flight, then write this state and wait for it (shutdown,
+        rebalance). True if it succeeded."""
+        self.wait(timeout)
+        if self.busy:  # the previous write is stuck (a hung disk): do not reuse its buffers
+            return False
+        failures = self.failures
+        self._start(model, extra)
+        self.wait(timeout)
+        return self.failures == failures and not self.busy
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _start(self, model: SparseFM, extra: Extra | None) -> None:
+        t = time.perf_counter()
+        capture = _Capture.take(model, extra, self._buffers)
+        self.last_pause_seconds = time.perf_counter() - t
+        self._last_time = self._clock()
+        self._last_samples = model.samples_seen
+        self._run(self._write, capture)
+
+    def _run(self, target: Callable[[Any], None], arg: Any) -> None:
+        self._thread = threading.Thread(target=target, args=(arg,), name="stream-fm-snapshot", daemon=True)
+        self._thread.start()
+
+    def _reserve(self, model: SparseFM) -> None:
+        self._reserved_rows = model.reserve_buffers(self._buffers)
+
+    def _write(self, capture: _Capture) -> None:
+        t = time.perf_counter()
+        try:
+            path = capture.publish(self.root, keep=self.keep)
+        except Exception as e:  # never fatal: counted, logged, retried at the next trigger
+            self.failures += 1
+            self.last_error = str(e)
+            log.error("snapshot failed (%d so far), will retry at the next trigger: %s", self.failures, e)
+            return
+        self.last_write_seconds = time.perf_counter() - t
+        self.last_bytes = sum(f.stat().st_size for f in path.iterdir())
+        self.last_path = path
+        self.last_success = time.time()
+        self.written += 1
+        log.info(
+            "snapshot %s: %d samples, %d features, %.1f MB in %.2f s (ingestion paused %.1f ms)",
+            path.name, capture.state.meta["samples_seen"], capture.state.meta["n_features"],
+            self.last_bytes / 1e6, self.last_write_seconds, 1e3 * self.last_pause_seconds,
+        )  # fmt: skip

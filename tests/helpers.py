@@ -1,0 +1,28 @@
+"""Helpers shared by the test modules: sample streams and model comparisons."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stream_fm import SparseFM
+
+
+def categorical_stream(n: int, seed: int) -> list[tuple[dict, bool]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        x = {
+            "user": f"u{rng.integers(50)}",
+            "ad": f"a{rng.integers(30)}",
+            "price": float(rng.exponential(2.0)),
+            "mobile": bool(rng.random() < 0.5),
+            "tags": [f"t{t}" for t in rng.choice(10, size=rng.integers(0, 3), replace=False)],
+        }
+        out.append((x, bool(rng.random() < 0.3)))
+    return out
+
+
+def state_equal(a: SparseFM, b: SparseFM) -> bool:
+    sa, ma = a.export_state()
+    sb, mb = b.export_state()
+    return ma == mb and sa.keys() == sb.keys() and all(np.array_equal(sa[k], sb[k]) for k in sa)
