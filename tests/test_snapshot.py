@@ -378,3 +378,39 @@ def test_capture_is_consistent_while_the_model_keeps_learning(tmp_path):
     arrays, meta = restored.export_state()
     assert meta == expected[1]
     assert all(np.array_equal(arrays[k], expected[0][k]) for k in arrays)
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    from stream_fm import SparseFM, snapshot
+    model = SparseFM(seed=1)
+    i = 0
+    while True:
+        xs = [{"user": f"u{i % 997}", "ad": f"a{j}"} for j in range(2000)]
+        model.learn_batch(xs, [j % 3 == 0 for j in range(2000)])
+        snapshot.write(sys.argv[1], model, snapshot.Extra(meta={"samples": model.samples_seen}), keep=3)
+        i += 1
+        print(i, flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.05, 0.2, 0.35, 0.5, 0.8])
+def test_a_writer_killed_at_any_instant_leaves_latest_complete(tmp_path, delay):
+    """SIGKILL a process that publishes snapshots back to back, at a different instant each time."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    assert proc.stdout.readline().strip() == "1"  # one snapshot is out: from here on, kill it mid-flight
+    threading.Event().wait(delay)
+    proc.kill()
+    proc.wait()
+    latest = snapshot.latest_name(tmp_path)
+    snap = snapshot.read(tmp_path / latest)  # LATEST names a complete, valid snapshot
+    assert snap.manifest["samples_seen"] == snap.extra["samples"]
+    assert serving.load(tmp_path).name == latest
+    snapshot.prune(tmp_path, keep=3)  # and the dead writer's debris goes at the next retention pass
+    assert all(p.name == snapshot.LATEST or p.name.startswith("snap-") for p in tmp_path.iterdir())
