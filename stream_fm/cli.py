@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from stream_fm import __version__
-from stream_fm.errors import StreamFMError
+from stream_fm.errors import ConfigError, StreamFMError
 
 __all__ = ["main"]
 
@@ -39,6 +39,57 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("path", type=Path, help="a snapshot root or one snapshot directory")
     inspect.add_argument("--top", type=int, default=10, help="how many top features to list (default 10)")
 
+    run = sub.add_parser(
+        "run",
+        help="run the worker: Kafka (or the built-in demo stream) in, snapshots out",
+        description="Consume impression and click events, learn, snapshot. With none of the Kafka "
+        "options it runs the built-in demo stream. Stops cleanly on SIGTERM/SIGINT (final snapshot).",
+        epilog="examples:\n  stream-fm run                                   # the demo stream\n"
+        "  stream-fm run --bootstrap-servers 127.0.0.1:9092 --topic events --group-id ctr \\\n"
+        "      --snapshot-dir snapshots/ --dead-letter-topic events-dlq",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("--bootstrap-servers", metavar="HOST:PORT", help="Kafka brokers (comma-separated)")
+    run.add_argument("--topic", action="append", metavar="NAME", help="topic to consume (repeatable)")
+    run.add_argument("--group-id", metavar="ID", help="consumer group (one worker per group)")
+    run.add_argument("--dead-letter-topic", metavar="NAME", help="where bad messages go, unchanged")
+    run.add_argument("--auto-offset-reset", choices=["earliest", "latest"], default="earliest")
+    run.add_argument(
+        "--kafka-option", action="append", default=[], metavar="KEY=VALUE",
+        help="passed to kafka-python as is (security_protocol=SASL_SSL, sasl_mechanism=SCRAM-SHA-512, ...)",
+    )  # fmt: skip
+    run.add_argument("--demo-rate", type=float, default=2000.0, help="demo events per second (0: unpaced)")
+    run.add_argument("--demo-limit", type=int, default=None, help="stop the demo after this many events")
+    _worker_options(run)
+
+    replay = sub.add_parser(
+        "replay",
+        help="learn from a JSON-lines file of events, then write a final snapshot",
+        description="Run the worker over FILE (one event per line) to its end; exit 0 after the final "
+        "snapshot. Resumes where a previous replay into the same --snapshot-dir stopped.",
+        epilog="example:\n  stream-fm replay events.jsonl --snapshot-dir snapshots/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    replay.add_argument("file", type=Path)
+    replay.add_argument("--dead-letter-file", type=Path, help="bad lines go here (JSON lines)")
+    _worker_options(replay)
+
+    produce = sub.add_parser(
+        "produce",
+        help="write the demo stream or a JSON-lines file into a Kafka topic",
+        description="Produce events keyed by impression id (an impression and its clicks share a partition).",
+        epilog="examples:\n"
+        "  stream-fm produce --bootstrap-servers 127.0.0.1:9092 --topic events --demo 100000\n"
+        "  stream-fm produce --bootstrap-servers 127.0.0.1:9092 --topic events --file events.jsonl",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    produce.add_argument("--bootstrap-servers", required=True, metavar="HOST:PORT")
+    produce.add_argument("--topic", required=True)
+    what = produce.add_mutually_exclusive_group(required=True)
+    what.add_argument("--demo", type=int, metavar="N", help="the first N events of the demo stream")
+    what.add_argument("--file", type=Path, help="a JSON-lines file, one event per line")
+    produce.add_argument("--seed", type=int, default=0, help="demo stream seed")
+
     serve = sub.add_parser(
         "serve",
         help="serve predictions over HTTP from the newest snapshot",
@@ -57,6 +108,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _worker_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--snapshot-dir", type=Path, default=Path("snapshots"), help="snapshot root (default ./snapshots)"
+    )
+    p.add_argument(
+        "--snapshot-interval", type=float, default=60.0, help="seconds between snapshots (default 60)"
+    )
+    p.add_argument("--snapshot-every-samples", type=int, default=None, help="also snapshot every N samples")
+    p.add_argument("--snapshot-keep", type=int, default=5, help="snapshots kept (default 5)")
+    p.add_argument(
+        "--attribution-window", type=float, default=1800.0, help="seconds a click may follow (1800)"
+    )
+    p.add_argument("--allowed-lateness", type=float, default=60.0, help="event-time lateness tolerated (60)")
+    p.add_argument("--max-pending", type=int, default=1_000_000, help="impressions waiting at most (10^6)")
+    p.add_argument("--batch-size", type=int, default=5000, help="records per poll (5000)")
+    p.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress lines")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -67,15 +136,119 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "inspect":
             return _inspect(args.path, args.top)
+        if args.command in ("run", "replay"):
+            return _run(args)
+        if args.command == "produce":
+            return _produce(args)
         if args.command == "serve":
             from stream_fm import server
 
             server.run(args.snapshots, args.host, args.port, args.reload_interval)
             return EXIT_OK
+    except ConfigError as e:
+        print(f"stream-fm: configuration error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except StreamFMError as e:
         print(f"stream-fm: error: {e}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_USAGE
+
+
+def _run(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from stream_fm import deadletters, sources
+    from stream_fm.worker import Worker, WorkerConfig
+
+    config = WorkerConfig(
+        snapshot_dir=args.snapshot_dir,
+        snapshot_every_seconds=args.snapshot_interval,
+        snapshot_every_samples=args.snapshot_every_samples,
+        snapshot_keep=args.snapshot_keep,
+        attribution_window=args.attribution_window,
+        allowed_lateness=args.allowed_lateness,
+        max_pending=args.max_pending,
+        batch_size=args.batch_size,
+        progress_interval=args.progress_interval,
+    )
+    dead: deadletters.DeadLetters | None = None
+    source: sources.Source
+    if args.command == "replay":
+        source = sources.FileSource(args.file)
+        dead = deadletters.FileDeadLetters(args.dead_letter_file) if args.dead_letter_file else None
+    elif args.bootstrap_servers or args.topic or args.group_id:
+        missing = [
+            f"--{n.replace('_', '-')}"
+            for n in ("bootstrap_servers", "topic", "group_id")
+            if not getattr(args, n)
+        ]
+        if missing:
+            raise ConfigError(
+                missing[0], None, "all of --bootstrap-servers, --topic and --group-id for Kafka"
+            )
+        options = _kafka_options(args.kafka_option)
+        source = sources.KafkaSource(
+            args.bootstrap_servers, args.topic, args.group_id,
+            auto_offset_reset=args.auto_offset_reset, client_config=options,
+        )  # fmt: skip
+        if args.dead_letter_topic:
+            dead = deadletters.KafkaDeadLetters(args.bootstrap_servers, args.dead_letter_topic, options)
+    else:
+        source = sources.DemoSource(rate=args.demo_rate or None, limit=args.demo_limit)
+        # the demo's event time runs fast (50 impressions a second): a short window shows negatives at once
+        if args.attribution_window == 1800.0:
+            config.attribution_window = 120.0
+    worker = Worker(source, config, dead)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    logging.getLogger(__name__).info("stream-fm %s: %s -> %s", __version__, source.name, args.snapshot_dir)
+    worker.run(stop)
+    return EXIT_OK
+
+
+def _kafka_options(pairs: list[str]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError("--kafka-option", pair, "KEY=VALUE, e.g. security_protocol=SASL_SSL")
+        out[key] = int(value) if value.isdigit() else value
+    return out
+
+
+def _produce(args: argparse.Namespace) -> int:
+    import orjson
+    from kafka import KafkaProducer
+
+    from stream_fm.demo import DemoStream
+
+    producer = KafkaProducer(bootstrap_servers=args.bootstrap_servers, acks="all", linger_ms=20)
+    n = 0
+    if args.demo is not None:
+        for key, event in DemoStream(seed=args.seed):
+            if n >= args.demo:
+                break
+            producer.send(args.topic, key=key.encode(), value=orjson.dumps(event))
+            n += 1
+    else:
+        with open(args.file, "rb") as f:
+            for line in f:
+                line = line.rstrip(b"\r\n")
+                if not line:
+                    continue
+                try:
+                    doc = orjson.loads(line)
+                    key = doc.get("id") or doc.get("impression_id") if isinstance(doc, dict) else None
+                except orjson.JSONDecodeError:
+                    key = None  # sent as is: the worker dead-letters it
+                producer.send(args.topic, key=key.encode() if isinstance(key, str) else None, value=line)
+                n += 1
+    producer.flush()
+    producer.close()
+    print(f"produced {n} events to {args.topic}")
+    return EXIT_OK
 
 
 def _inspect(path: Path, top: int) -> int:

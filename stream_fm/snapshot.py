@@ -75,6 +75,9 @@ class Extra:
     arrays: Mapping[str, np.ndarray] = field(default_factory=dict)
     meta: Mapping[str, Any] = field(default_factory=dict)
     offsets: Mapping[str, Any] = field(default_factory=dict)
+    # more arrays, computed by the writer (background thread): for state whose serialisation is
+    # slow but whose copy is cheap (the worker's pending join state)
+    deferred: Callable[[], Mapping[str, np.ndarray]] | None = None
 
 
 @dataclass
@@ -135,6 +138,7 @@ class _Capture:
             arrays={k: np.array(v, copy=True) for k, v in extra.arrays.items()},
             meta=json.loads(json.dumps(extra.meta)),
             offsets=json.loads(json.dumps(extra.offsets)),
+            deferred=extra.deferred,
         )
         return cls(model.capture_state(buffers), copied)
 
@@ -142,6 +146,12 @@ class _Capture:
         """Write, fsync and rename into place, then point ``LATEST`` at it (background-safe)."""
         root.mkdir(parents=True, exist_ok=True)
         arrays, meta = self.state.materialize()
+        extra_arrays = dict(self.extra.arrays)
+        if self.extra.deferred is not None:
+            extra_arrays.update(self.extra.deferred())
+        for key in extra_arrays:
+            if not _ARRAY_NAME.match(key):
+                raise SnapshotError(key, "extra array names must match [A-Za-z0-9_][A-Za-z0-9_.-]*")
         sequence = _next_sequence(root)
         name = f"snap-{sequence:010d}-{self.created.strftime('%Y%m%dT%H%M%SZ')}"
         tmp = root / f"{_TMP_PREFIX}{name}-{os.getpid()}"
@@ -149,7 +159,7 @@ class _Capture:
         try:
             tmp.mkdir()
             files: dict[str, Any] = {}
-            for prefix, group in (("model", arrays), ("extra", self.extra.arrays)):
+            for prefix, group in (("model", arrays), ("extra", extra_arrays)):
                 for key, array in group.items():
                     files[f"{prefix}.{key}.npy"] = _write_array(tmp / f"{prefix}.{key}.npy", array)
             manifest = {

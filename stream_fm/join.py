@@ -1,0 +1,188 @@
+"""The click join: impressions wait for their clicks, then become labelled samples.
+
+An impression waits up to ``attribution_window`` seconds of event time. A click inside the window
+makes it a positive sample at once. When the window has closed on the event-time watermark
+(the highest ``ts`` seen minus ``allowed_lateness``) without a click, it becomes a negative.
+
+Each impression is trained once: a repeated impression id and repeated clicks are counted, not
+trained again; a click for an unknown or already closed impression is counted as late (its
+impression closed) or orphan (never seen). Pending state is bounded by ``max_pending``: overflow
+closes the oldest as negatives, counted. Closed ids are remembered for one more window, so that
+duplicates arriving late are still recognised.
+
+>>> j = Joiner(attribution_window=60, allowed_lateness=0)
+>>> j.impression("i1", 100.0, {"ad": "a1"}), j.impression("i2", 101.0, {"ad": "a2"})
+([], [])
+>>> j.click("i1", 130.0)
+[(True, {'ad': 'a1'}, 100.0)]
+>>> j.impression("i3", 170.0, {"ad": "a3"})  # the watermark passes 101 + 60: i2 closes, unclicked
+[(False, {'ad': 'a2'}, 101.0)]
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from typing import Any
+
+__all__ = ["Joiner", "LabelledSample"]
+
+# (label, features, event time of the impression)
+LabelledSample = tuple[bool, dict[str, Any], float]
+
+_POSITIVE, _NEGATIVE = 1, 0
+
+
+class Joiner:
+    """Joins clicks to impressions by id, in event time. Deterministic: the same events in the
+    same order give the same samples in the same order (exactly-once replay depends on it)."""
+
+    def __init__(
+        self, attribution_window: float = 1800.0, allowed_lateness: float = 60.0, max_pending: int = 1_000_000
+    ) -> None:
+        self.attribution_window = float(attribution_window)
+        self.allowed_lateness = float(allowed_lateness)
+        self.max_pending = int(max_pending)
+        self._pending: dict[str, tuple[float, dict[str, Any]]] = {}  # id -> (ts, features)
+        self._deadlines: list[tuple[float, int, str]] = []  # heap of (ts + window, arrival no, id)
+        self._closed: OrderedDict[str, tuple[float, int]] = OrderedDict()  # id -> (forget after, label)
+        self._arrivals = 0
+        self.max_ts = float("-inf")
+        # counters (the metrics layer reads them)
+        self.duplicates = 0  # repeated impressions and repeated clicks
+        self.late_clicks = 0  # clicks for an impression already closed, or outside its window
+        self.orphan_clicks = 0  # clicks for an impression never seen (or long forgotten)
+        self.overflow = 0  # impressions closed early because max_pending was reached
+        self.late_impressions = 0  # impressions whose window had closed before they arrived
+
+    @property
+    def watermark(self) -> float:
+        return self.max_ts - self.allowed_lateness
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def impression(self, id: str, ts: float, features: dict[str, Any]) -> list[LabelledSample]:
+        """Add an impression; returns the samples this closes (negatives past the watermark,
+        overflow), possibly including this impression itself if it arrived too late."""
+        if id in self._pending or id in self._closed:
+            self.duplicates += 1
+            return []
+        out = self._advance(ts)
+        deadline = ts + self.attribution_window
+        if deadline < self.watermark:
+            self.late_impressions += 1
+            self._remember(id, deadline, _NEGATIVE)
+            out.append((False, features, ts))
+            return out
+        self._pending[id] = (ts, features)
+        heapq.heappush(self._deadlines, (deadline, self._arrivals, id))
+        self._arrivals += 1
+        while len(self._pending) > self.max_pending:
+            self.overflow += 1
+            out.append(self._close_next())
+        return out
+
+    def click(self, impression_id: str, ts: float) -> list[LabelledSample]:
+        """Add a click; returns the positive it makes (if any) and the negatives it closes."""
+        out = []
+        pending = self._pending.get(impression_id)
+        if pending is not None and ts - pending[0] <= self.attribution_window:
+            del self._pending[impression_id]  # its heap entry is skipped when it surfaces
+            self._remember(impression_id, pending[0] + self.attribution_window, _POSITIVE)
+            out.append((True, pending[1], pending[0]))
+        elif pending is not None:
+            self.late_clicks += 1  # outside the window: the impression will close as a negative
+        elif impression_id in self._closed:
+            if self._closed[impression_id][1] == _POSITIVE:
+                self.duplicates += 1
+            else:
+                self.late_clicks += 1
+        else:
+            self.orphan_clicks += 1
+        out.extend(self._advance(ts))
+        return out
+
+    def advance(self, ts: float) -> list[LabelledSample]:
+        """Move event time on without an event (e.g. a labelled sample's ts)."""
+        return self._advance(ts)
+
+    def _advance(self, ts: float) -> list[LabelledSample]:
+        if ts <= self.max_ts:
+            return []
+        self.max_ts = ts
+        watermark = self.watermark
+        out = []
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] < watermark:
+            if deadlines[0][2] in self._pending:
+                out.append(self._close_next())
+            else:
+                heapq.heappop(deadlines)  # clicked meanwhile: nothing to close
+        # closed ids are forgotten one window after their own window closed
+        horizon = watermark - self.attribution_window
+        while self._closed:
+            first = next(iter(self._closed))
+            if self._closed[first][0] >= horizon and len(self._closed) <= self.max_pending:
+                break
+            del self._closed[first]
+        return out
+
+    def _close_next(self) -> LabelledSample:
+        """Close the pending impression with the earliest deadline as a negative."""
+        while True:
+            deadline, _, id = heapq.heappop(self._deadlines)
+            pending = self._pending.pop(id, None)
+            if pending is not None:
+                self._remember(id, deadline, _NEGATIVE)
+                return (False, pending[1], pending[0])
+
+    def _remember(self, id: str, deadline: float, label: int) -> None:
+        self._closed[id] = (deadline, label)
+
+    # ------------------------------------------------------------------ state for snapshots
+
+    def export_state(self) -> dict[str, Any]:
+        """A JSON-able copy of the state (pending impressions in arrival order, closed ids)."""
+        live = sorted((n, id) for _, n, id in self._deadlines if id in self._pending)
+        return {
+            "config": [self.attribution_window, self.allowed_lateness, self.max_pending],
+            "max_ts": self.max_ts if self.max_ts != float("-inf") else None,
+            "arrivals": self._arrivals,
+            "pending": [[id, n, *self._pending[id]] for n, id in live],
+            "closed": [[id, d, label] for id, (d, label) in self._closed.items()],
+            "counters": [
+                self.duplicates,
+                self.late_clicks,
+                self.orphan_clicks,
+                self.overflow,
+                self.late_impressions,
+            ],
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], **config: Any) -> Joiner:
+        """Rebuild from :meth:`export_state`; ``config`` overrides the saved window settings."""
+        window, lateness, max_pending = state["config"]
+        joiner = cls(
+            config.get("attribution_window", window),
+            config.get("allowed_lateness", lateness),
+            config.get("max_pending", max_pending),
+        )
+        joiner.max_ts = float("-inf") if state["max_ts"] is None else state["max_ts"]
+        joiner._arrivals = state["arrivals"]
+        for id, n, ts, features in state["pending"]:
+            joiner._pending[id] = (ts, features)
+            joiner._deadlines.append((ts + joiner.attribution_window, n, id))
+        heapq.heapify(joiner._deadlines)
+        for id, deadline, label in state["closed"]:
+            joiner._closed[id] = (deadline, label)
+        (
+            joiner.duplicates,
+            joiner.late_clicks,
+            joiner.orphan_clicks,
+            joiner.overflow,
+            joiner.late_impressions,
+        ) = state["counters"]
+        return joiner

@@ -1,0 +1,314 @@
+"""The worker: events in, labelled samples learned, snapshots out, exactly-once model state.
+
+The data path, per polled batch::
+
+    source.poll -> events.decode (bad -> dead letters) -> join -> model.learn_batch -> positions
+
+Positions (the next offset per topic-partition), the model and the join state change together,
+once per batch, on this thread; a snapshot copies all three at one instant. After a restart the
+worker loads the newest valid snapshot and resumes every partition at the snapshot's position, so
+every event is applied to the model exactly once however the process died. After each durable
+snapshot the positions are committed to Kafka as well (for lag tools; the snapshot is the truth).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from stream_fm import snapshot
+from stream_fm.deadletters import DeadLetters
+from stream_fm.errors import ConfigError, FeatureError, SnapshotError
+from stream_fm.events import BadEvent, Click, Impression, decode
+from stream_fm.join import Joiner
+from stream_fm.model import SparseFM
+from stream_fm.quality import RollingQuality
+from stream_fm.sources import Positions, Record, Source
+
+__all__ = ["Worker", "WorkerConfig"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerConfig:
+    snapshot_dir: Path
+    snapshot_every_seconds: float | None = 60.0
+    snapshot_every_samples: int | None = None
+    snapshot_keep: int = 5
+    attribution_window: float = 1800.0
+    allowed_lateness: float = 60.0
+    max_pending: int = 1_000_000
+    max_message_bytes: int = 1 << 20
+    batch_size: int = 5000
+    poll_timeout: float = 0.5
+    quality_window: int = 10_000
+    progress_interval: float = 10.0
+    shutdown_timeout: float = 60.0
+    model: dict[str, Any] = field(default_factory=dict)  # SparseFM arguments
+
+
+@dataclass
+class Stats:
+    """Counters since the model began (restored from snapshots). The metrics layer reads them."""
+
+    events: Counter = field(default_factory=Counter)  # impression / click / sample
+    bad_events: Counter = field(default_factory=Counter)  # by reason
+    trained: Counter = field(default_factory=Counter)  # "0" / "1"
+    newest_event_ts: float | None = None  # event time of the newest trained sample
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "events": dict(self.events),
+            "bad_events": dict(self.bad_events),
+            "trained": dict(self.trained),
+            "newest_event_ts": self.newest_event_ts,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Stats:
+        return cls(
+            Counter(d["events"]), Counter(d["bad_events"]), Counter(d["trained"]), d["newest_event_ts"]
+        )
+
+
+class Worker:
+    def __init__(self, source: Source, config: WorkerConfig, dead_letters: DeadLetters | None = None) -> None:
+        self.source = source
+        self.config = config
+        self.dead_letters = dead_letters or DeadLetters()
+        self.writer = snapshot.SnapshotWriter(
+            config.snapshot_dir,
+            every_seconds=config.snapshot_every_seconds,
+            every_samples=config.snapshot_every_samples,
+            keep=config.snapshot_keep,
+        )
+        self.model = SparseFM(**config.model)
+        self.joiner = Joiner(config.attribution_window, config.allowed_lateness, config.max_pending)
+        self.positions: Positions = {}
+        self.stats = Stats()
+        self.quality = RollingQuality(config.quality_window)
+        self.restored_from: str | None = None
+        self.batches = 0
+        self.last_batch_seconds = 0.0
+        self._commit: Positions | None = None  # positions of the write in flight
+        self._written = 0
+        self._bad_logged = 0.0
+        self._bad_unlogged = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def restore(self) -> None:
+        """Continue from the newest valid snapshot, if there is one."""
+        try:
+            model, snap = snapshot.read_newest(self.config.snapshot_dir, snapshot.restore)
+        except SnapshotError as e:
+            if snapshot.list_snapshots(self.config.snapshot_dir):
+                raise  # snapshots exist but none is valid: starting afresh would silently lose the model
+            log.info("no snapshot in %s: starting a new model (%s)", self.config.snapshot_dir, e.reason)
+            return
+        wanted = SparseFM(**self.config.model).get_config()
+        differs = {k: (v, wanted[k]) for k, v in model.get_config().items() if wanted[k] != v}
+        if differs:
+            detail = ", ".join(f"{k}: snapshot {a!r}, configured {b!r}" for k, (a, b) in differs.items())
+            raise ConfigError(
+                "model", detail, f"the settings of the snapshot in {snap.path} (or a new --snapshot-dir)"
+            )
+        self.model = model
+        state = snap.extra_arrays.get("join_state")
+        if state is not None:
+            self.joiner = Joiner.from_state(
+                orjson.loads(np.asarray(state).tobytes()),
+                attribution_window=self.config.attribution_window,
+                allowed_lateness=self.config.allowed_lateness,
+                max_pending=self.config.max_pending,
+            )
+        self.positions = {
+            (topic, int(partition)): int(offset)
+            for topic, parts in snap.offsets.items()
+            for partition, offset in parts.items()
+        }
+        if "stats" in snap.extra:
+            self.stats = Stats.from_json(snap.extra["stats"])
+        self.restored_from = snap.name
+        log.info(
+            "restored %s: %d samples, %d features, %d pending impressions, positions %s",
+            snap.name, model.samples_seen, model.n_features, self.joiner.pending, self._offsets_json(),
+        )  # fmt: skip
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Process until ``stop`` is set or a finite source ends; then a final snapshot."""
+        stop = stop or threading.Event()
+        self.restore()
+        self.source.start(self.positions)
+        last_progress = time.monotonic()
+        try:
+            while not stop.is_set():
+                records = self.source.poll(self.config.poll_timeout, self.config.batch_size)
+                if records:
+                    self.process(records)
+                if self.source.rebalanced:
+                    self.source.rebalanced = False
+                    self.snapshot_now("partitions revoked")
+                else:
+                    self._maybe_snapshot()
+                self._commit_if_durable()
+                if time.monotonic() - last_progress >= self.config.progress_interval:
+                    last_progress = time.monotonic()
+                    self.log_progress()
+                if self.source.finished and not records:
+                    break
+        finally:
+            self.snapshot_now("shutdown")
+            self.log_progress()
+            self.source.close()
+            self.dead_letters.close()
+
+    # ------------------------------------------------------------------ the data path
+
+    def process(self, records: list[Record]) -> None:
+        """One polled batch: decode, join, learn; positions advance past every record."""
+        t = time.perf_counter()
+        xs: list[dict[str, Any]] = []
+        ys: list[bool] = []
+        newest = None
+        joiner = self.joiner
+        events = self.stats.events
+        max_bytes = self.config.max_message_bytes
+        for record in records:
+            self.positions[(record.topic, record.partition)] = record.offset + 1
+            try:
+                event = decode(record.value, max_bytes)
+            except BadEvent as e:
+                self._bad(record, e.reason, e.detail)
+                continue
+            if type(event) is Impression:
+                events["impression"] += 1
+                out = joiner.impression(event.id, event.ts, event.features)
+            elif type(event) is Click:
+                events["click"] += 1
+                out = joiner.click(event.impression_id, event.ts)
+            else:
+                events["sample"] += 1
+                out = [(event.label, event.features, event.ts)]
+                if event.ts is not None:
+                    out.extend(joiner.advance(event.ts))
+            for label, features, ts in out:
+                xs.append(features)
+                ys.append(label)
+                if ts is not None:
+                    newest = ts if newest is None else max(newest, ts)
+        if xs:
+            self._learn(xs, ys)
+            if newest is not None:
+                self.stats.newest_event_ts = max(newest, self.stats.newest_event_ts or newest)
+        self.batches += 1
+        self.last_batch_seconds = time.perf_counter() - t
+
+    def _learn(self, xs: list[dict[str, Any]], ys: list[bool]) -> None:
+        while True:
+            try:
+                probs = self.model.learn_batch(xs, ys)
+                break
+            except FeatureError as e:  # events are validated on arrival: this is a safety net
+                assert e.index is not None
+                log.error("dropping a sample the model refused (not dead-lettered: joined state): %s", e)
+                self.stats.bad_events["feature"] += 1
+                del xs[e.index], ys[e.index]
+        labels = np.array(ys, np.float64)
+        self.quality.update(probs, labels)
+        positives = int(labels.sum())
+        self.stats.trained["1"] += positives
+        self.stats.trained["0"] += len(ys) - positives
+
+    def _bad(self, record: Record, reason: str, detail: str) -> None:
+        self.stats.bad_events[reason] += 1
+        self.dead_letters.send(record, reason, detail)
+        now = time.monotonic()
+        if now - self._bad_logged >= 5.0:  # rate-limited: a flood of bad input must not flood the log
+            more = f" (and {self._bad_unlogged} more since the last report)" if self._bad_unlogged else ""
+            log.warning(
+                "bad event at %s/%d/%d: %s: %s%s",
+                record.topic,
+                record.partition,
+                record.offset,
+                reason,
+                detail,
+                more,
+            )
+            self._bad_logged, self._bad_unlogged = now, 0
+        else:
+            self._bad_unlogged += 1
+
+    # ------------------------------------------------------------------ snapshots and commits
+
+    def _extra(self) -> snapshot.Extra:
+        state = self.joiner.export_state()  # copies references now; serialised by the writer
+        return snapshot.Extra(
+            meta={"stats": self.stats.to_json(), "source": self.source.name},
+            offsets=self._offsets_json(),
+            deferred=lambda: {"join_state": np.frombuffer(orjson.dumps(state), np.uint8)},
+        )
+
+    def _offsets_json(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for (topic, partition), offset in sorted(self.positions.items()):
+            out.setdefault(topic, {})[str(partition)] = offset
+        return out
+
+    def _maybe_snapshot(self) -> None:
+        writer = self.writer
+        if writer.busy or not writer.due(self.model.samples_seen):
+            writer.maybe_write(self.model)  # (not due: lets the writer reserve its buffers)
+            return
+        # a snapshot must not cover a bad message that has not reached the dead-letter topic
+        if not self.dead_letters.flush():
+            return
+        positions = dict(self.positions)
+        if writer.maybe_write(self.model, self._extra):
+            self._commit = positions
+
+    def snapshot_now(self, why: str) -> bool:
+        """A synchronous snapshot (shutdown, rebalance), then commit its positions."""
+        if not self.dead_letters.flush():
+            log.error(
+                "dead letters undelivered: no %s snapshot (the next start replays from the last one)", why
+            )
+            return False
+        positions = dict(self.positions)
+        ok = self.writer.write_now(self.model, self._extra(), timeout=self.config.shutdown_timeout)
+        if ok:
+            self._written = self.writer.written
+            self.source.commit(positions)
+            log.info("%s snapshot %s written and its offsets committed", why, self.writer.last_path.name)
+        return ok
+
+    def _commit_if_durable(self) -> None:
+        if self._commit is not None and not self.writer.busy:
+            if self.writer.written > self._written:
+                self._written = self.writer.written
+                self.source.commit(self._commit)
+            self._commit = None
+
+    # ------------------------------------------------------------------ reporting
+
+    def log_progress(self) -> None:
+        lag = sum(self.source.lag().values())
+        last = self.writer.last_success
+        age = f"{time.time() - last:.0f}s ago" if last else "none yet"
+        log.info(
+            "progress: %d events, %d samples (%d clicks), %d bad | logloss %.4f AUC %.4f CTR %.4f | "
+            "%d features, %d pending | lag %d | last snapshot %s",
+            sum(self.stats.events.values()), self.model.samples_seen, self.stats.trained["1"],
+            sum(self.stats.bad_events.values()),
+            self.quality.logloss(), self.quality.auc(), self.quality.ctr(),
+            self.model.n_features, self.joiner.pending, lag, age,
+        )  # fmt: skip
