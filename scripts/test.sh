@@ -22,5 +22,24 @@ echo "== ruff"
 "$venv/bin/ruff" check .
 "$venv/bin/ruff" format --check .
 
-echo "== pytest"
-exec "$venv/bin/python" -m pytest "$@"
+# A real Kafka broker for the integration tests, from the project's own script (Maven Central jars).
+# Stopped afterwards if this run started it.
+kafka="$repo/deploy/kafka/kafka-local.sh"
+if "$kafka" status >/dev/null 2>&1; then
+  started_kafka=""
+else
+  echo "== starting the local Kafka broker"
+  started_kafka=1
+fi
+STREAM_FM_KAFKA_BOOTSTRAP=$("$kafka" start | tail -n 1)
+export STREAM_FM_KAFKA_BOOTSTRAP
+stop_kafka() {
+  if [ -n "$started_kafka" ]; then
+    echo "== stopping the local Kafka broker"
+    "$kafka" stop || true
+  fi
+}
+trap stop_kafka EXIT
+
+echo "== pytest (Kafka at $STREAM_FM_KAFKA_BOOTSTRAP)"
+"$venv/bin/python" -m pytest "$@"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -46,9 +47,17 @@ class KafkaDeadLetters(DeadLetters):
         self, bootstrap_servers: Any, topic: str, client_config: Mapping[str, Any] | None = None
     ) -> None:
         self.topic = topic
-        self._config = {"bootstrap_servers": bootstrap_servers, "acks": "all", **(client_config or {})}
+        # the client-side size limit is lifted: the broker (which took the message once) decides
+        self._config = {
+            "bootstrap_servers": bootstrap_servers,
+            "acks": "all",
+            "max_request_size": 64 * 2**20,
+            **(client_config or {}),
+        }
         self._producer: KafkaProducer | None = None
         self._unsent: list[tuple[Record, str, str]] = []
+        self.stripped = 0  # messages the dead-letter topic refused whole: forwarded without value
+        self._warned = 0.0
 
     def send(self, record: Record, reason: str, detail: str) -> None:
         self.sent += 1
@@ -60,26 +69,48 @@ class KafkaDeadLetters(DeadLetters):
         try:
             if self._producer is None:
                 self._producer = KafkaProducer(**self._config)
-            futures = []
-            for record, reason, detail in self._unsent:
-                headers = [
-                    ("stream-fm-reason", reason.encode()),
-                    ("stream-fm-detail", detail[:1000].encode("utf-8", "replace")),
-                    ("stream-fm-source", f"{record.topic}/{record.partition}/{record.offset}".encode()),
-                ]
-                futures.append(
-                    self._producer.send(self.topic, value=record.value, key=record.key, headers=headers)
-                )
+            futures = [(item, self._send(*item)) for item in self._unsent]
             self._producer.flush(timeout)
-            for f in futures:
-                f.get(timeout=0)  # raises if that message was not delivered
         except KafkaError as e:
-            log.warning(
-                "dead-letter delivery to %s failed (%d kept, retried): %s", self.topic, len(self._unsent), e
+            self._warn(
+                f"dead-letter delivery to {self.topic} failed ({len(self._unsent)} kept, retried): {e}"
             )
             return False
-        self._unsent.clear()
-        return True
+        retry = []
+        for (record, reason, detail), future in futures:
+            error = future.exception if future.is_done else KafkaError("not delivered in time")
+            if error is None:
+                continue
+            if getattr(error, "retriable", False) or not future.is_done:
+                retry.append((record, reason, detail))
+                continue
+            # refused for good (e.g. too large for the topic): forward the position and the reason,
+            # without the value, rather than block every snapshot behind it forever
+            self.stripped += 1
+            stripped = Record(record.topic, record.partition, record.offset, None, record.key)
+            note = f"{detail} [value of {len(record.value or b'')} bytes dropped: {error}]"
+            retry.append((stripped, reason, note))
+        self._unsent = retry
+        if retry:
+            self._warn(
+                f"dead-letter delivery to {self.topic}: {len(retry)} messages kept for the next attempt"
+            )
+        return not retry
+
+    def _send(self, record: Record, reason: str, detail: str) -> Any:
+        assert self._producer is not None
+        headers = [
+            ("stream-fm-reason", reason.encode()),
+            ("stream-fm-detail", detail[:1000].encode("utf-8", "replace")),
+            ("stream-fm-source", f"{record.topic}/{record.partition}/{record.offset}".encode()),
+        ]
+        return self._producer.send(self.topic, value=record.value, key=record.key, headers=headers)
+
+    def _warn(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._warned >= 10.0:
+            log.warning(message)
+            self._warned = now
 
     def close(self) -> None:
         if self._producer is not None:

@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -123,7 +123,7 @@ class _Capture:
     def __init__(self, state: StateCapture, extra: Extra) -> None:
         self.state = state
         self.extra = extra
-        self.created = datetime.now(UTC)
+        self.created = datetime.now(timezone.utc)
 
     @classmethod
     def take(

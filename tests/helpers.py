@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 
 from stream_fm import SparseFM
@@ -26,3 +31,12 @@ def state_equal(a: SparseFM, b: SparseFM) -> bool:
     sa, ma = a.export_state()
     sb, mb = b.export_state()
     return ma == mb and sa.keys() == sb.keys() and all(np.array_equal(sa[k], sb[k]) for k in sa)
+
+
+def stream_fm_process(args: list[str], log: Path) -> subprocess.Popen:
+    """`stream-fm ARGS` as a child process, its output appended to ``log``."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "stream_fm.cli", *args], stdout=out, stderr=out, env=env
+        )

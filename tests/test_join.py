@@ -1,0 +1,116 @@
+"""The click join alone: window edges, watermark, duplicates, overflow, state round trip."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from stream_fm.join import Joiner
+
+
+def labels(samples) -> list[tuple[bool, str]]:
+    return [(label, features["ad"]) for label, features, _ in samples]
+
+
+def test_a_click_inside_the_window_is_a_positive_at_once():
+    j = Joiner(attribution_window=60, allowed_lateness=0)
+    assert j.impression("i1", 100.0, {"ad": "a"}) == []
+    assert labels(j.click("i1", 160.0)) == [(True, "a")]  # exactly at the window's end: still inside
+    assert j.pending == 0
+
+
+def test_a_click_after_the_window_is_late_and_the_impression_closes_negative():
+    j = Joiner(attribution_window=60, allowed_lateness=100)  # lateness keeps it pending past 160
+    j.impression("i1", 100.0, {"ad": "a"})
+    assert j.click("i1", 160.5) == []
+    assert j.late_clicks == 1 and j.pending == 1
+    assert labels(j.advance(261.0)) == [(False, "a")]  # watermark 161 > deadline 160
+
+
+def test_negatives_close_on_the_watermark_not_on_arrival_time():
+    j = Joiner(attribution_window=60, allowed_lateness=30)
+    j.impression("i1", 100.0, {"ad": "a"})
+    assert j.advance(190.0) == []  # watermark 160: the deadline 160 is not yet passed
+    assert labels(j.advance(190.5)) == [(False, "a")]
+    # a click arriving after its impression closed is late, not a second sample
+    assert j.click("i1", 120.0) == [] and j.late_clicks == 1
+
+
+def test_event_time_never_goes_back():
+    j = Joiner(attribution_window=10, allowed_lateness=0)
+    j.impression("i1", 100.0, {"ad": "a"})
+    j.impression("old", 50.0, {"ad": "b"})  # out of order: the watermark stays at 100
+    assert j.watermark == 100.0
+    assert labels(j.advance(111.0)) == [(False, "a")] and j.pending == 0
+    assert j.late_impressions == 1  # "old" closed on arrival (its window ended at 60)
+
+
+def test_duplicates_are_counted_not_trained():
+    j = Joiner(attribution_window=60, allowed_lateness=0)
+    j.impression("i1", 100.0, {"ad": "a"})
+    assert j.impression("i1", 101.0, {"ad": "a"}) == [] and j.duplicates == 1
+    assert labels(j.click("i1", 110.0)) == [(True, "a")]
+    assert j.click("i1", 111.0) == [] and j.duplicates == 2  # a repeated click
+    assert j.impression("i1", 112.0, {"ad": "a"}) == [] and j.duplicates == 3  # after it closed
+    assert j.click("nobody", 113.0) == [] and j.orphan_clicks == 1
+
+
+def test_closed_ids_are_forgotten_one_window_later():
+    j = Joiner(attribution_window=10, allowed_lateness=0)
+    j.impression("i1", 100.0, {"ad": "a"})
+    j.advance(111.0)  # closes i1 (deadline 110)
+    j.advance(120.5)  # 120.5 - 10 > 110: forgotten
+    assert j.click("i1", 121.0) == [] and j.orphan_clicks == 1 and j.late_clicks == 0
+
+
+def test_overflow_closes_the_oldest_as_negatives():
+    j = Joiner(attribution_window=1000, allowed_lateness=0, max_pending=2)
+    j.impression("i1", 100.0, {"ad": "a"})
+    j.impression("i2", 101.0, {"ad": "b"})
+    assert labels(j.impression("i3", 102.0, {"ad": "c"})) == [(False, "a")]
+    assert j.overflow == 1 and j.pending == 2
+
+
+def random_events(n: int, seed: int) -> list[tuple]:
+    rng = random.Random(seed)
+    events, ts = [], 1000.0
+    for i in range(n):
+        ts += rng.expovariate(1.0)
+        events.append(("imp", f"i{i}", ts, {"ad": f"a{rng.randrange(9)}"}))
+        if rng.random() < 0.2:
+            events.append(("imp", f"i{i - rng.randrange(min(i + 1, 10))}", ts, {"ad": "dup"}))  # recent
+        if rng.random() < 0.5:
+            events.append(("click", f"i{max(0, i - rng.randrange(80))}", ts + rng.random()))
+    return events
+
+
+def feed(j: Joiner, events) -> list:
+    out = []
+    for e in events:
+        out += j.impression(e[1], e[2], e[3]) if e[0] == "imp" else j.click(e[1], e[2])
+    return out
+
+
+@pytest.mark.parametrize("split", [0, 1, 500, 1700])
+def test_state_round_trip_continues_identically(split):
+    events = random_events(1500, seed=4)
+    whole = Joiner(attribution_window=30, allowed_lateness=5, max_pending=50)
+    expected = feed(whole, events)
+    first = Joiner(attribution_window=30, allowed_lateness=5, max_pending=50)
+    got = feed(first, events[:split])
+    state = json.loads(json.dumps(first.export_state()))  # through JSON, as in a snapshot
+    resumed = Joiner.from_state(state)
+    got += feed(resumed, events[split:])
+    assert got == expected
+    assert resumed.export_state() == whole.export_state()
+
+
+def test_every_impression_is_trained_exactly_once():
+    events = random_events(3000, seed=7)
+    j = Joiner(attribution_window=30, allowed_lateness=5, max_pending=100)
+    out = feed(j, events) + j.advance(1e9)
+    unique = {e[1] for e in events if e[0] == "imp"}
+    assert len(out) == len(unique) and j.pending == 0
+    assert all(features["ad"] != "dup" for _, features, _ in out)  # the first of duplicates is trained

@@ -1,0 +1,137 @@
+"""The worker on its file and demo sources (no broker): replay, resume, crash, dead letters, config."""
+
+from __future__ import annotations
+
+import base64
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from helpers import stream_fm_process
+
+from stream_fm import ConfigError, cli, snapshot
+from stream_fm.demo import DemoStream
+from stream_fm.sources import FileSource
+from stream_fm.worker import Worker, WorkerConfig
+
+BAD_LINES = [
+    b"{oops",
+    b'{"type": "click"}',
+    b'{"type": "impression", "id": "x", "ts": 1, "features": {"a": [1]}}',
+]
+
+
+def write_events(path: Path, n: int, bad_every: int = 0) -> tuple[int, list[int]]:
+    """The first ``n`` demo events as JSON lines, with a bad line every ``bad_every`` lines."""
+    bad = []
+    with open(path, "wb") as f:
+        for i, (_, event) in enumerate(DemoStream(seed=5)):
+            if i >= n:
+                break
+            if bad_every and i % bad_every == bad_every - 1:
+                bad.append(i)
+                f.write(BAD_LINES[len(bad) % len(BAD_LINES)] + b"\n")
+            else:
+                f.write(orjson.dumps(event) + b"\n")
+    return n, bad
+
+
+def final_offset(root: Path) -> int:
+    try:
+        return final(root).offsets["file"]["0"]
+    except (snapshot.SnapshotError, KeyError):  # retention raced us: ask again
+        return 0
+
+
+def final(root: Path) -> snapshot.Snapshot:
+    return snapshot.read(root / snapshot.latest_name(root))
+
+
+def test_replay_learns_a_file_to_its_end_and_resumes_without_double_counting(tmp_path, capsys):
+    events = tmp_path / "events.jsonl"
+    n, bad = write_events(events, 3000, bad_every=97)
+    root, dead = tmp_path / "snaps", tmp_path / "dead.jsonl"
+    args = ["replay", str(events), "--snapshot-dir", str(root), "--dead-letter-file", str(dead)]
+    assert cli.main([*args, "--attribution-window", "30"]) == 0
+    first = final(root)
+    assert first.offsets == {"file": {"0": n}}
+    stats = first.extra["stats"]
+    assert sum(stats["events"].values()) + sum(stats["bad_events"].values()) == n
+    assert sum(stats["bad_events"].values()) == len(bad)
+    assert first.manifest["samples_seen"] == stats["trained"]["0"] + stats["trained"]["1"] > 0
+    lines = [orjson.loads(line) for line in dead.read_bytes().splitlines()]
+    assert [int(d["source"].rsplit("/", 1)[1]) for d in lines] == bad
+    assert {base64.b64decode(d["value_b64"]) for d in lines} == set(BAD_LINES)
+
+    # a second replay into the same directory resumes at the end: nothing is learned twice
+    assert cli.main([*args, "--attribution-window", "30"]) == 0
+    again = final(root)
+    assert again.name != first.name and again.extra["stats"] == stats
+    assert again.manifest["samples_seen"] == first.manifest["samples_seen"]
+
+
+@pytest.mark.slow
+def test_replay_killed_mid_file_ends_with_the_model_of_an_uninterrupted_run(tmp_path):
+    events = tmp_path / "events.jsonl"
+    write_events(events, 60_000, bad_every=501)
+    common = ["--attribution-window", "30", "--snapshot-interval", "0.2", "--batch-size", "500"]
+    calm = tmp_path / "calm"
+    assert cli.main(["replay", str(events), "--snapshot-dir", str(calm), *common]) == 0
+
+    killed = tmp_path / "killed"
+    log = tmp_path / "killed.log"
+    for past in (15_000, 40_000):  # kill -9 once the newest snapshot has passed these lines
+        proc = stream_fm_process(["replay", str(events), "--snapshot-dir", str(killed), *common], log)
+        deadline = time.monotonic() + 120
+        while snapshot.latest_name(killed) is None or final_offset(killed) < past:
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert final(killed).offsets["file"]["0"] < 60_000
+    proc = stream_fm_process(["replay", str(events), "--snapshot-dir", str(killed), *common], log)
+    assert proc.wait(timeout=300) == 0, log.read_text()[-2000:]
+
+    a, b = final(killed), final(calm)
+    assert a.extra["stats"] == b.extra["stats"] and a.offsets == b.offsets
+    for name, array in a.model_arrays.items():
+        assert np.array_equal(array, b.model_arrays[name]), name
+    assert np.array_equal(a.extra_arrays["join_state"], b.extra_arrays["join_state"])
+
+
+def test_demo_run_stops_at_its_limit_with_a_final_snapshot(tmp_path):
+    root = tmp_path / "snaps"
+    args = ["run", "--snapshot-dir", str(root), "--demo-rate", "0", "--demo-limit", "20000"]
+    assert cli.main(args) == 0
+    snap = final(root)
+    assert snap.offsets == {"demo": {"0": 20000}}
+    # ~380 s of demo event time against its 120 s window: most impressions have closed
+    assert snap.manifest["samples_seen"] > 10_000 and 0 < snap.extra["stats"]["trained"]["1"] < 5000
+    assert cli.main([*args[:-1], "25000"]) == 0  # resumes: the demo stream regenerates to its offset
+    assert final(root).offsets == {"demo": {"0": 25000}}
+
+
+def test_a_snapshot_with_other_model_settings_is_refused(tmp_path):
+    events = tmp_path / "events.jsonl"
+    write_events(events, 500)
+    config = WorkerConfig(snapshot_dir=tmp_path / "snaps", model={"n_factors": 8})
+    Worker(FileSource(events), config).run()
+    config.model = {"n_factors": 4, "learning_rate": 0.1}
+    with pytest.raises(ConfigError) as info:
+        Worker(FileSource(events), config).restore()
+    message = str(info.value)
+    assert "n_factors: snapshot 8, configured 4" in message and "learning_rate" in message
+
+
+def test_all_snapshots_corrupt_is_an_error_not_a_silent_fresh_start(tmp_path):
+    events = tmp_path / "events.jsonl"
+    write_events(events, 500)
+    config = WorkerConfig(snapshot_dir=tmp_path / "snaps")
+    Worker(FileSource(events), config).run()
+    for path in (tmp_path / "snaps").glob("snap-*/model.w.npy"):
+        path.write_bytes(b"garbage")
+    with pytest.raises(snapshot.SnapshotError, match="no valid snapshot"):
+        Worker(FileSource(events), config).restore()

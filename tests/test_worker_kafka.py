@@ -1,0 +1,276 @@
+"""The worker against a real Kafka broker: exactly-once state across kill -9, broker outages, SIGTERM.
+
+Every test here runs `stream-fm run` as a child process against the broker of
+deploy/kafka/kafka-local.sh, on topics of its own. No mock stands in for Kafka.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from helpers import stream_fm_process
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import KafkaAdminClient
+
+from stream_fm import snapshot
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+WINDOW, LATENESS = 60.0, 10.0
+
+
+@dataclass
+class Produced:
+    """What a test wrote into its topic, and what a correct worker must make of it."""
+
+    messages: list[tuple[bytes | None, bytes]] = field(default_factory=list)  # (key, value)
+    impressions: set[str] = field(default_factory=set)  # distinct impression ids (trained once each)
+    positives: set[str] = field(default_factory=set)  # clicked inside the window
+    counts: dict[str, int] = field(default_factory=lambda: {"impression": 0, "click": 0})
+    bad: list[int] = field(default_factory=list)  # offsets of malformed messages (one partition)
+
+    def add(self, event: dict | bytes, key: str | None = None) -> None:
+        value = event if isinstance(event, bytes) else orjson.dumps(event)
+        self.messages.append((key.encode() if key else None, value))
+
+
+BAD_MESSAGES = [
+    b"{not json",
+    b'{"type": "impression", "id": "\xff\xfe", "ts": 1, "features": {}}',  # invalid UTF-8
+    b'{"type": "view", "id": "x"}',
+    b'{"type": "impression", "id": "bad-f", "ts": 5, "features": {"price": null}}',
+    b'{"type": "click", "impression_id": "i1", "ts": "noon"}',
+    b"x" * 1_500_000,  # over the worker's 1 MiB message limit (the broker takes up to 2 MB)
+]
+
+
+def make_stream(n: int, seed: int) -> Produced:
+    """Impressions one second apart; clicks inside the window, after it, repeated, orphan;
+    duplicate impressions; malformed messages; a final impression far in the future that
+    closes every window (it stays pending itself)."""
+    rng = random.Random(seed)
+    p = Produced()
+    later: list[tuple[float, dict]] = []  # clicks waiting for their place in the stream
+    for i in range(n):
+        ts = 1000.0 + i
+        while later and later[0][0] <= ts:
+            _, click = later.pop(0)
+            p.add(click, click["impression_id"])
+            p.counts["click"] += 1
+        imp_id = f"imp-{i}"
+        features = {
+            "user": f"u{rng.randrange(300)}",
+            "ad": f"a{rng.randrange(40)}",
+            "pos": float(rng.randrange(1, 4)),
+        }
+        p.add({"type": "impression", "id": imp_id, "ts": ts, "features": features}, imp_id)
+        p.counts["impression"] += 1
+        p.impressions.add(imp_id)
+        r = rng.random()
+        if r < 0.25:  # clicked inside the window, sometimes twice
+            p.positives.add(imp_id)
+            for _ in range(2 if rng.random() < 0.1 else 1):
+                later.append(
+                    (ts + rng.uniform(1, 20), {"type": "click", "impression_id": imp_id, "ts": ts + 5})
+                )
+        elif r < 0.30:  # clicked long after the window closed: a late click, the impression a negative
+            later.append((ts + 200, {"type": "click", "impression_id": imp_id, "ts": ts + 200}))
+        later.sort(key=lambda c: c[0])
+        if rng.random() < 0.03:  # the producer retried: a duplicate impression
+            p.add({"type": "impression", "id": imp_id, "ts": ts, "features": features}, imp_id)
+            p.counts["impression"] += 1
+        if rng.random() < 0.02:
+            p.add({"type": "click", "impression_id": f"nobody-{i}", "ts": ts}, f"nobody-{i}")
+            p.counts["click"] += 1
+        if rng.random() < 0.01 or i == n // 2:
+            p.bad.append(len(p.messages))
+            p.add(BAD_MESSAGES[len(p.bad) % len(BAD_MESSAGES)])
+    for _, click in later:
+        p.add(click, click["impression_id"])
+        p.counts["click"] += 1
+    p.add({"type": "impression", "id": "the-end", "ts": 1e9, "features": {"ad": "a0"}}, "the-end")
+    p.counts["impression"] += 1
+    return p
+
+
+def produce(bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes]]) -> None:
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", max_request_size=4_000_000, linger_ms=10
+    )
+    for key, value in messages:
+        producer.send(topic, key=key, value=value)
+    producer.flush(60)
+    producer.close()
+
+
+def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
+    parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+    ends = consumer.end_offsets(parts)
+    consumer.close()
+    return {tp.partition: off for tp, off in ends.items()}
+
+
+def latest_offsets(root: Path, topic: str) -> dict[int, int]:
+    name = snapshot.latest_name(root)
+    if name is None:
+        return {}
+    try:
+        offsets = snapshot.read(root / name).offsets
+    except Exception:  # retention may delete it between the two reads: ask again
+        return {}
+    return {int(p): o for p, o in offsets.get(topic, {}).items()}
+
+
+def wait_until(check, timeout: float, what: str, proc=None) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the worker exited ({proc.returncode}) while waiting for {what}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def worker_args(kafka, topic: str, group: str, root: Path, dlq: str | None = None) -> list[str]:
+    args = [
+        "run", "--bootstrap-servers", kafka.bootstrap, "--topic", topic, "--group-id", group,
+        "--snapshot-dir", str(root), "--snapshot-interval", "0.3", "--batch-size", "200",
+        "--group-instance-id", f"{group}-worker",
+        "--attribution-window", str(WINDOW), "--allowed-lateness", str(LATENESS), "--progress-interval", "2",
+    ]  # fmt: skip
+    return args + (["--dead-letter-topic", dlq] if dlq else [])
+
+
+def run_to_the_end(kafka, topic, group, root, log, ends, dlq=None, kills: int = 0, seed: int = 0):
+    """Run the worker until it has consumed ``ends``, killing it with SIGKILL ``kills`` times at
+    random moments on the way; then SIGTERM. Returns the final snapshot."""
+    rng = random.Random(seed)
+    total = sum(ends.values())
+    proc = None
+    try:
+        for _ in range(kills):
+            proc = stream_fm_process(worker_args(kafka, topic, group, root, dlq), log)
+            before = sum(latest_offsets(root, topic).values())
+            # let it publish at least one new snapshot, then kill it at a random moment
+            wait_until(
+                lambda b=before: sum(latest_offsets(root, topic).values()) > b, 120, "a snapshot", proc
+            )
+            time.sleep(rng.uniform(0.0, 0.6))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            assert sum(latest_offsets(root, topic).values()) < total, "killed too late to test anything"
+        proc = stream_fm_process(worker_args(kafka, topic, group, root, dlq), log)
+        wait_until(lambda: latest_offsets(root, topic) == ends, 300, "the whole topic to be consumed", proc)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+    return snapshot.read(root / snapshot.latest_name(root))
+
+
+def dead_letters(kafka, topic: str) -> dict[int, bytes]:
+    consumer = KafkaConsumer(
+        topic, bootstrap_servers=kafka.bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=5000
+    )
+    out = {}
+    for m in consumer:
+        headers = dict(m.headers)
+        out[int(headers["stream-fm-source"].decode().rsplit("/", 1)[1])] = headers["stream-fm-reason"]
+    consumer.close()
+    return out
+
+
+def test_kill_9_at_random_points_loses_and_repeats_nothing(kafka, topic_factory, tmp_path):
+    topic, dlq = topic_factory(1, "events"), topic_factory(1, "dlq")
+    stream = make_stream(6000, seed=1)
+    produce(kafka.bootstrap, topic, stream.messages)
+    ends = end_offsets(kafka.bootstrap, topic)
+    assert ends == {0: len(stream.messages)}
+
+    killed = run_to_the_end(
+        kafka, topic, "killed", tmp_path / "killed", tmp_path / "killed.log", ends, dlq, kills=3
+    )
+    calm = run_to_the_end(kafka, topic, "calm", tmp_path / "calm", tmp_path / "calm.log", ends)
+
+    stats = killed.extra["stats"]
+    assert stats["events"] == stream.counts
+    trained = len(stream.impressions)  # all but the final impression (not in the set): its window is open
+    assert stats["trained"] == {"1": len(stream.positives), "0": trained - len(stream.positives)}
+    assert killed.manifest["samples_seen"] == trained
+    assert sum(stats["bad_events"].values()) == len(stream.bad)
+    # every malformed message reached the dead-letter topic, with its reason
+    assert set(dead_letters(kafka, dlq)) == set(stream.bad)
+
+    # and the model is, bit for bit, the one an uninterrupted run learned
+    assert calm.extra["stats"] == stats
+    assert killed.model_arrays.keys() == calm.model_arrays.keys()
+    for name, array in killed.model_arrays.items():
+        assert np.array_equal(array, calm.model_arrays[name]), name
+
+
+def test_the_worker_rides_out_a_broker_restart(kafka, topic_factory, tmp_path):
+    topic = topic_factory(2, "events")
+    first, second = make_stream(1500, seed=2), make_stream(1500, seed=3)
+    produce(kafka.bootstrap, topic, first.messages)
+    log = tmp_path / "worker.log"
+    proc = stream_fm_process(worker_args(kafka, topic, "restart", tmp_path / "snaps"), log)
+    try:
+        ends = end_offsets(kafka.bootstrap, topic)
+        wait_until(lambda: latest_offsets(tmp_path / "snaps", topic) == ends, 120, "the first half", proc)
+        kafka.stop()
+        time.sleep(3)  # the worker polls a dead broker meanwhile; it must not exit
+        assert proc.poll() is None, log.read_text()[-3000:]
+        kafka.start()
+        produce(kafka.bootstrap, topic, second.messages)
+        ends = end_offsets(kafka.bootstrap, topic)
+        wait_until(lambda: latest_offsets(tmp_path / "snaps", topic) == ends, 180, "the second half", proc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+    final = snapshot.read(tmp_path / "snaps" / snapshot.latest_name(tmp_path / "snaps"))
+    events = final.extra["stats"]["events"]
+    assert events == {k: first.counts[k] + second.counts[k] for k in events}
+
+
+def test_sigterm_exits_0_with_a_final_snapshot_whose_offsets_are_committed(kafka, topic_factory, tmp_path):
+    topic = topic_factory(3, "events")
+    stream = make_stream(800, seed=4)
+    produce(kafka.bootstrap, topic, stream.messages)
+    ends = end_offsets(kafka.bootstrap, topic)
+    root = tmp_path / "snaps"
+    args = worker_args(kafka, topic, "sigterm", root)
+    args[args.index("--snapshot-interval") + 1] = "3600"  # only the shutdown snapshot will have it all
+    proc = stream_fm_process(args, tmp_path / "worker.log")
+    admin = KafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    try:
+        # consumed everything: the group has not committed it yet (no snapshot has covered it)
+        wait_until(
+            lambda: "progress: " in (tmp_path / "worker.log").read_text() and _consumed(tmp_path, stream),
+            120,
+            "consumption",
+            proc,
+        )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        final = snapshot.read(root / snapshot.latest_name(root))
+        assert {int(p): o for p, o in final.offsets[topic].items()} == ends
+        committed = admin.list_group_offsets("sigterm")["sigterm"]
+        assert {tp.partition: meta.offset for tp, meta in committed.items() if tp.topic == topic} == ends
+    finally:
+        admin.close()
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _consumed(tmp_path: Path, stream: Produced) -> bool:
+    """The worker's progress line reports every event (it logs one every 2 s)."""
+    total = stream.counts["impression"] + stream.counts["click"]
+    return f"progress: {total} events" in (tmp_path / "worker.log").read_text()
