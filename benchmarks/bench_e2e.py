@@ -36,7 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def broker() -> str:
-    out = subprocess.run([str(REPO / "deploy/kafka/kafka-local.sh"), "start"], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [str(REPO / "deploy/kafka/kafka-local.sh"), "start"], check=True, capture_output=True, text=True
+    )
     return out.stdout.strip().splitlines()[-1]
 
 
@@ -128,7 +130,9 @@ def _scrape(url: str, stop: threading.Event) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--partitions", type=int, default=4)
     args = parser.parse_args()
@@ -138,8 +142,9 @@ def main() -> None:
     r_bare = bare(bootstrap, topic, args.events)
     r_off, w = worker(bootstrap, topic, args.events, metrics=False)
     r_on, _ = worker(bootstrap, topic, args.events, metrics=True)
+    events = w.stats.events
     print(
-        f"\n{args.events:,} events ({w.stats.events['impression']:,} impressions, {w.stats.events['click']:,} clicks) "
+        f"\n{args.events:,} events ({events['impression']:,} impressions, {events['click']:,} clicks) "
         f"on {args.partitions} partitions; worker trained {w.model.samples_seen:,} samples"
     )
     print_table(

@@ -224,10 +224,10 @@ class KafkaSource(Source):
             time.sleep(min(timeout, 0.5))
             return []
         self._connected = bool(self._consumer.assignment())
+        # kafka-python's ConsumerRecords have the fields of a Record: handed on as they are
         out = []
-        for tp, messages in batches.items():
-            for m in messages:
-                out.append(Record(tp.topic, tp.partition, m.offset, m.value, m.key, m.headers or ()))
+        for messages in batches.values():
+            out.extend(messages)
         return out
 
     def commit(self, positions: Positions) -> None:

@@ -13,10 +13,12 @@ snapshot the positions are committed to Kafka as well (for lag tools; the snapsh
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,6 +150,11 @@ class Worker:
         """Process until ``stop`` is set or a finite source ends; then a final snapshot."""
         stop = stop or threading.Event()
         self.restore()
+        # The model's key index and the pending impressions are millions of long-lived objects:
+        # moved out of the cyclic collector's sight (and re-frozen after each snapshot), full
+        # collections stop walking them; a larger first threshold makes young collections rarer.
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 100)
         self.source.start(self.positions)
         last_progress = time.monotonic()
         try:
@@ -174,38 +181,43 @@ class Worker:
 
     # ------------------------------------------------------------------ the data path
 
-    def process(self, records: list[Record]) -> None:
+    def process(self, records: Sequence[Record]) -> None:
         """One polled batch: decode, join, learn; positions advance past every record."""
         t = time.perf_counter()
         xs: list[dict[str, Any]] = []
         ys: list[bool] = []
         newest = None
         joiner = self.joiner
-        events = self.stats.events
+        positions = self.positions
         max_bytes = self.config.max_message_bytes
+        n_imp = n_click = n_sample = 0
         for record in records:
-            self.positions[(record.topic, record.partition)] = record.offset + 1
             try:
                 event = decode(record.value, max_bytes)
             except BadEvent as e:
                 self._bad(record, e.reason, e.detail)
                 continue
+            finally:
+                positions[record.topic, record.partition] = record.offset + 1
             if type(event) is Impression:
-                events["impression"] += 1
+                n_imp += 1
                 out = joiner.impression(event.id, event.ts, event.features)
             elif type(event) is Click:
-                events["click"] += 1
+                n_click += 1
                 out = joiner.click(event.impression_id, event.ts)
             else:
-                events["sample"] += 1
+                n_sample += 1
                 out = [(event.label, event.features, event.ts)]
                 if event.ts is not None:
                     out.extend(joiner.advance(event.ts))
             for label, features, ts in out:
                 xs.append(features)
                 ys.append(label)
-                if ts is not None:
-                    newest = ts if newest is None else max(newest, ts)
+                if ts is not None and (newest is None or ts > newest):
+                    newest = ts
+        for kind, n in (("impression", n_imp), ("click", n_click), ("sample", n_sample)):
+            if n:
+                self.stats.events[kind] += n
         if xs:
             self._learn(xs, ys)
             if newest is not None:
@@ -296,6 +308,7 @@ class Worker:
             if self.writer.written > self._written:
                 self._written = self.writer.written
                 self.source.commit(self._commit)
+                gc.freeze()
             self._commit = None
 
     # ------------------------------------------------------------------ reporting
