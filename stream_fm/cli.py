@@ -129,6 +129,11 @@ def _worker_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pending", type=int, default=1_000_000, help="impressions waiting at most (10^6)")
     p.add_argument("--batch-size", type=int, default=5000, help="records per poll (5000)")
     p.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress lines")
+    p.add_argument(
+        "--metrics-host", default="127.0.0.1", help="metrics bind address (0.0.0.0: all interfaces)"
+    )
+    p.add_argument("--metrics-port", type=int, default=9108, help="/metrics, /healthz, /readyz port (9108)")
+    p.add_argument("--no-metrics", action="store_true", help="do not serve metrics")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -214,7 +219,21 @@ def _run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     logging.getLogger(__name__).info("stream-fm %s: %s -> %s", __version__, source.name, args.snapshot_dir)
-    worker.run(stop)
+    exporter = None
+    if not args.no_metrics:
+        from stream_fm.metrics import MetricsServer
+
+        try:
+            exporter = MetricsServer(worker, args.metrics_host, args.metrics_port).start()
+        except OSError as e:
+            raise ConfigError(
+                "--metrics-port", args.metrics_port, f"a free port on {args.metrics_host} ({e})"
+            ) from e
+    try:
+        worker.run(stop)
+    finally:
+        if exporter is not None:
+            exporter.stop()
     return EXIT_OK
 
 

@@ -45,6 +45,13 @@ class Source:
     name = "source"
     finished = False
     rebalanced = False  # set when partitions were revoked: the worker snapshots before going on
+    paused = False  # pause(): poll returns nothing (maintenance; the metrics stay up)
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
 
     def start(self, positions: Positions) -> None:
         """Begin reading; partitions in ``positions`` resume from the offset given."""
@@ -88,6 +95,9 @@ class FileSource(Source):
         self._line = skip
 
     def poll(self, timeout: float, max_records: int) -> list[Record]:
+        if self.paused:
+            time.sleep(timeout)
+            return []
         out = []
         for _ in range(max_records):
             line = self._file.readline()
@@ -100,6 +110,11 @@ class FileSource(Source):
 
     def assigned(self) -> list[tuple[str, int]]:
         return [(self.topic, 0)]
+
+    def fraction(self) -> float:
+        """How much of the file has been read, 0 to 1 (for a progress bar)."""
+        size = self.path.stat().st_size
+        return self._file.tell() / size if self._file is not None and size else 1.0
 
     def close(self) -> None:
         if self._file is not None:
@@ -130,11 +145,16 @@ class DemoSource(Source):
         self._started = time.monotonic()
 
     def poll(self, timeout: float, max_records: int) -> list[Record]:
+        if self.paused:
+            time.sleep(timeout)
+            return []
         n = max_records
         if self.rate:
+            # wait for a batch worth 50 ms of the rate (or a full one), not for every event
+            want = min(max_records, max(1, int(self.rate * 0.05)))
             due = self._base + int((time.monotonic() - self._started) * self.rate) - self._next
-            if due <= 0:
-                time.sleep(min(timeout, 1.0 / self.rate * max(1, -due)))
+            if due < want:
+                time.sleep(min(timeout, (want - due) / self.rate))
                 due = self._base + int((time.monotonic() - self._started) * self.rate) - self._next
             n = max(0, min(n, due))
         if self.limit is not None:
@@ -148,6 +168,15 @@ class DemoSource(Source):
 
     def assigned(self) -> list[tuple[str, int]]:
         return [(self.topic, 0)]
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        """Events the pacing clock has made due but the worker has not taken (0 when unpaced)."""
+        if not self.rate:
+            return {(self.topic, 0): 0}
+        due = self._base + int((time.monotonic() - self._started) * self.rate)
+        if self.limit is not None:
+            due = min(due, self.limit)
+        return {(self.topic, 0): max(0, due - self._next)}
 
 
 class KafkaSource(Source):
@@ -216,6 +245,10 @@ class KafkaSource(Source):
         if not self._connect():
             time.sleep(min(timeout, 0.2))
             return []
+        if self.paused:
+            self._consumer.pause(*self._consumer.assignment())  # keeps the group membership alive
+        elif self._consumer.paused():
+            self._consumer.resume(*self._consumer.paused())
         try:
             batches = self._consumer.poll(timeout_ms=int(timeout * 1000), max_records=max_records)
         except KafkaError as e:

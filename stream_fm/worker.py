@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ class WorkerConfig:
     quality_window: int = 10_000
     progress_interval: float = 10.0
     shutdown_timeout: float = 60.0
+    progress_bar: bool = True  # on a terminal, for finite sources (replay)
     model: dict[str, Any] = field(default_factory=dict)  # SparseFM arguments
 
 
@@ -101,6 +103,15 @@ class Worker:
         self.restored_from: str | None = None
         self.batches = 0
         self.last_batch_seconds = 0.0
+        # the source's state as of the last batch (read by the metrics thread, which must not
+        # touch the Kafka client: kafka-python's consumer is not thread-safe)
+        self.ready = False
+        self.lag: dict[tuple[str, int], int] = {}
+        self.assigned: list[tuple[str, int]] = []
+        # hooks: called on this thread after each batch (seconds) and each durable snapshot
+        self.on_batch: list[Callable[[float], None]] = []
+        self.on_snapshot: list[Callable[[snapshot.SnapshotWriter], None]] = []
+        self.baseline = Stats()  # counters as restored: metrics count from process start
         self._commit: Positions | None = None  # positions of the write in flight
         self._written = 0
         self._bad_logged = 0.0
@@ -140,6 +151,7 @@ class Worker:
         }
         if "stats" in snap.extra:
             self.stats = Stats.from_json(snap.extra["stats"])
+            self.baseline = Stats.from_json(snap.extra["stats"])
         self.restored_from = snap.name
         log.info(
             "restored %s: %d samples, %d features, %d pending impressions, positions %s",
@@ -157,11 +169,22 @@ class Worker:
         gc.set_threshold(50_000, 20, 100)
         self.source.start(self.positions)
         last_progress = time.monotonic()
+        fraction = getattr(self.source, "fraction", None)
+        bar = (
+            _Bar(fraction)
+            if fraction is not None and self.config.progress_bar and sys.stderr.isatty()
+            else None
+        )
         try:
             while not stop.is_set():
                 records = self.source.poll(self.config.poll_timeout, self.config.batch_size)
                 if records:
                     self.process(records)
+                self.ready, self.lag, self.assigned = (
+                    self.source.ready,
+                    self.source.lag(),
+                    self.source.assigned(),
+                )
                 if self.source.rebalanced:
                     self.source.rebalanced = False
                     self.snapshot_now("partitions revoked")
@@ -171,9 +194,13 @@ class Worker:
                 if time.monotonic() - last_progress >= self.config.progress_interval:
                     last_progress = time.monotonic()
                     self.log_progress()
+                if bar is not None:
+                    bar.update(self)
                 if self.source.finished and not records:
                     break
         finally:
+            if bar is not None:
+                bar.done()
             self.snapshot_now("shutdown")
             self.log_progress()
             self.source.close()
@@ -224,6 +251,8 @@ class Worker:
                 self.stats.newest_event_ts = max(newest, self.stats.newest_event_ts or newest)
         self.batches += 1
         self.last_batch_seconds = time.perf_counter() - t
+        for hook in self.on_batch:
+            hook(self.last_batch_seconds)
 
     def _learn(self, xs: list[dict[str, Any]], ys: list[bool]) -> None:
         while True:
@@ -298,17 +327,22 @@ class Worker:
         positions = dict(self.positions)
         ok = self.writer.write_now(self.model, self._extra(), timeout=self.config.shutdown_timeout)
         if ok:
-            self._written = self.writer.written
+            self._durable()
             self.source.commit(positions)
             log.info("%s snapshot %s written and its offsets committed", why, self.writer.last_path.name)
         return ok
 
+    def _durable(self) -> None:
+        self._written = self.writer.written
+        for hook in self.on_snapshot:
+            hook(self.writer)
+        gc.freeze()
+
     def _commit_if_durable(self) -> None:
         if self._commit is not None and not self.writer.busy:
             if self.writer.written > self._written:
-                self._written = self.writer.written
+                self._durable()
                 self.source.commit(self._commit)
-                gc.freeze()
             self._commit = None
 
     # ------------------------------------------------------------------ reporting
@@ -325,3 +359,30 @@ class Worker:
             self.quality.logloss(), self.quality.auc(), self.quality.ctr(),
             self.model.n_features, self.joiner.pending, lag, age,
         )  # fmt: skip
+
+
+class _Bar:
+    """A one-line progress bar on stderr for a finite source (``stream-fm replay`` on a terminal)."""
+
+    def __init__(self, fraction: Callable[[], float]) -> None:
+        self.fraction = fraction
+        self.started = time.monotonic()
+        self.drawn = 0.0
+
+    def update(self, w: Worker) -> None:
+        now = time.monotonic()
+        if now - self.drawn < 0.2:
+            return
+        self.drawn = now
+        f = min(1.0, self.fraction())
+        events = sum(w.stats.events.values()) - sum(w.baseline.events.values())
+        rate = events / max(now - self.started, 1e-9)
+        filled = int(30 * f)
+        sys.stderr.write(
+            f"\r[{'#' * filled}{'.' * (30 - filled)}] {100 * f:5.1f}%  {events:,} events  {rate:,.0f}/s  "
+            f"logloss {w.quality.logloss():.4f}"
+        )
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        sys.stderr.write("\n")

@@ -54,7 +54,15 @@ def test_replay_learns_a_file_to_its_end_and_resumes_without_double_counting(tmp
     events = tmp_path / "events.jsonl"
     n, bad = write_events(events, 3000, bad_every=97)
     root, dead = tmp_path / "snaps", tmp_path / "dead.jsonl"
-    args = ["replay", str(events), "--snapshot-dir", str(root), "--dead-letter-file", str(dead)]
+    args = [
+        "replay",
+        str(events),
+        "--snapshot-dir",
+        str(root),
+        "--dead-letter-file",
+        str(dead),
+        "--no-metrics",
+    ]
     assert cli.main([*args, "--attribution-window", "30"]) == 0
     first = final(root)
     assert first.offsets == {"file": {"0": n}}
@@ -77,7 +85,15 @@ def test_replay_learns_a_file_to_its_end_and_resumes_without_double_counting(tmp
 def test_replay_killed_mid_file_ends_with_the_model_of_an_uninterrupted_run(tmp_path):
     events = tmp_path / "events.jsonl"
     write_events(events, 150_000, bad_every=501)
-    common = ["--attribution-window", "30", "--snapshot-interval", "0.2", "--batch-size", "500"]
+    common = [
+        "--attribution-window",
+        "30",
+        "--snapshot-interval",
+        "0.2",
+        "--batch-size",
+        "500",
+        "--no-metrics",
+    ]
     calm = tmp_path / "calm"
     assert cli.main(["replay", str(events), "--snapshot-dir", str(calm), *common]) == 0
 
@@ -104,7 +120,17 @@ def test_replay_killed_mid_file_ends_with_the_model_of_an_uninterrupted_run(tmp_
 
 def test_demo_run_stops_at_its_limit_with_a_final_snapshot(tmp_path):
     root = tmp_path / "snaps"
-    args = ["run", "--snapshot-dir", str(root), "--demo-rate", "0", "--demo-limit", "20000"]
+    args = [
+        "run",
+        "--snapshot-dir",
+        str(root),
+        "--metrics-port",
+        "0",
+        "--demo-rate",
+        "0",
+        "--demo-limit",
+        "20000",
+    ]
     assert cli.main(args) == 0
     snap = final(root)
     assert snap.offsets == {"demo": {"0": 20000}}

@@ -142,7 +142,7 @@ def worker_args(kafka, topic: str, group: str, root: Path, dlq: str | None = Non
     args = [
         "run", "--bootstrap-servers", kafka.bootstrap, "--topic", topic, "--group-id", group,
         "--snapshot-dir", str(root), "--snapshot-interval", "0.3", "--batch-size", "200",
-        "--group-instance-id", f"{group}-worker",
+        "--group-instance-id", f"{group}-worker", "--metrics-port", "0",
         "--attribution-window", str(WINDOW), "--allowed-lateness", str(LATENESS), "--progress-interval", "2",
     ]  # fmt: skip
     return args + (["--dead-letter-topic", dlq] if dlq else [])
