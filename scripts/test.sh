@@ -22,6 +22,17 @@ echo "== ruff"
 "$venv/bin/ruff" check .
 "$venv/bin/ruff" format --check .
 
+# A real Prometheus (with promtool) for the metrics tests: Debian's package.
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+  echo "== installing Debian's prometheus package"
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+  install_prometheus() {
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null
+  }
+  install_prometheus || { $sudo apt-get update -q >/dev/null && install_prometheus; }
+fi
+
 # A real Kafka broker for the integration tests, from the project's own script (Maven Central jars).
 # Stopped afterwards if this run started it.
 kafka="$repo/deploy/kafka/kafka-local.sh"
