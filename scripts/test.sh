@@ -42,8 +42,8 @@ else
   echo "== starting the local Kafka broker"
   started_kafka=1
 fi
-STREAM_FM_KAFKA_BOOTSTRAP=$("$kafka" start | tail -n 1)
-export STREAM_FM_KAFKA_BOOTSTRAP
+STREAM_FM_TEST_KAFKA=$("$kafka" start | tail -n 1)
+export STREAM_FM_TEST_KAFKA
 stop_kafka() {
   if [ -n "$started_kafka" ]; then
     echo "== stopping the local Kafka broker"
@@ -52,5 +52,5 @@ stop_kafka() {
 }
 trap stop_kafka EXIT
 
-echo "== pytest (Kafka at $STREAM_FM_KAFKA_BOOTSTRAP)"
+echo "== pytest (Kafka at $STREAM_FM_TEST_KAFKA)"
 "$venv/bin/python" -m pytest "$@"

@@ -7,10 +7,11 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from stream_fm import __version__
+from stream_fm import __version__, logs
 from stream_fm.errors import ConfigError, StreamFMError
 
 __all__ = ["main"]
@@ -22,134 +23,135 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stream-fm",
         description="Online factorization machine for click-through rate, fed by Kafka.",
+        epilog="exit codes: 0 ok, 1 failure (e.g. a snapshot fails verification), "
+        "2 usage or configuration error",
     )
     parser.add_argument("--version", action="version", version=f"stream-fm {__version__}")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    inspect = sub.add_parser(
-        "inspect",
-        help="verify a snapshot and summarise it",
-        description="Verify every checksum of a snapshot (or of every snapshot in a root) and print "
-        "its manifest summary and top features. Exit code 1 if any snapshot fails verification.",
-        epilog="examples:\n  stream-fm inspect snapshots/\n"
-        "  stream-fm inspect snapshots/snap-0000000042-20261125T101500Z --top 20",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    inspect.add_argument("path", type=Path, help="a snapshot root or one snapshot directory")
-    inspect.add_argument("--top", type=int, default=10, help="how many top features to list (default 10)")
-
-    run = sub.add_parser(
-        "run",
-        help="run the worker: Kafka (or the built-in demo stream) in, snapshots out",
-        description="Consume impression and click events, learn, snapshot. With none of the Kafka "
-        "options it runs the built-in demo stream. Stops cleanly on SIGTERM/SIGINT (final snapshot).",
-        epilog="examples:\n  stream-fm run                                   # the demo stream\n"
+    run = _command(
+        sub, "run", "run the worker: Kafka (or the built-in demo stream) in, snapshots out",
+        "Consume impression and click events, learn, snapshot, serve metrics. With no Kafka brokers "
+        "configured it runs the built-in demo stream. SIGTERM/SIGINT: final snapshot, exit 0. "
+        "Settings come from --config FILE < STREAM_FM_* environment variables < flags.",
+        "stream-fm run                                   # the demo stream\n"
         "  stream-fm run --bootstrap-servers 127.0.0.1:9092 --topic events --group-id ctr \\\n"
-        "      --snapshot-dir snapshots/ --dead-letter-topic events-dlq",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    run.add_argument("--bootstrap-servers", metavar="HOST:PORT", help="Kafka brokers (comma-separated)")
-    run.add_argument("--topic", action="append", metavar="NAME", help="topic to consume (repeatable)")
-    run.add_argument("--group-id", metavar="ID", help="consumer group (one worker per group)")
-    run.add_argument(
-        "--group-instance-id", metavar="NAME",
-        help="static group membership: a stable name (e.g. the pod's) lets a restarted worker take its "
-        "partitions back at once instead of after the session timeout",
+        "      --snapshot-dir snapshots/ --dead-letter-topic events-dlq\n"
+        "  STREAM_FM_KAFKA_SASL_PLAIN_PASSWORD_FILE=/run/secrets/kafka stream-fm run --config worker.toml",
     )  # fmt: skip
-    run.add_argument("--dead-letter-topic", metavar="NAME", help="where bad messages go, unchanged")
-    run.add_argument("--auto-offset-reset", choices=["earliest", "latest"], default="earliest")
-    run.add_argument(
-        "--kafka-option", action="append", default=[], metavar="KEY=VALUE",
-        help="passed to kafka-python as is (security_protocol=SASL_SSL, sasl_mechanism=SCRAM-SHA-512, ...)",
-    )  # fmt: skip
-    run.add_argument("--demo-rate", type=float, default=2000.0, help="demo events per second (0: unpaced)")
-    run.add_argument("--demo-limit", type=int, default=None, help="stop the demo after this many events")
-    _worker_options(run)
+    _config_flags(run)
 
-    replay = sub.add_parser(
-        "replay",
-        help="learn from a JSON-lines file of events, then write a final snapshot",
-        description="Run the worker over FILE (one event per line) to its end; exit 0 after the final "
-        "snapshot. Resumes where a previous replay into the same --snapshot-dir stopped.",
-        epilog="example:\n  stream-fm replay events.jsonl --snapshot-dir snapshots/",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    replay.add_argument("file", type=Path)
+    replay = _command(
+        sub, "replay", "learn from a JSON-lines file of events, then write a final snapshot",
+        "Run the worker over FILE (one event per line) to its end; exit 0 after the final snapshot. "
+        "Resumes where a previous replay into the same snapshot directory stopped.",
+        "stream-fm replay events.jsonl --snapshot-dir snapshots/ --dead-letter-file bad.jsonl",
+    )  # fmt: skip
+    replay.add_argument("file", type=Path, help="events, one JSON object per line")
     replay.add_argument("--dead-letter-file", type=Path, help="bad lines go here (JSON lines)")
-    _worker_options(replay)
+    _config_flags(replay)
 
-    produce = sub.add_parser(
-        "produce",
-        help="write the demo stream or a JSON-lines file into a Kafka topic",
-        description="Produce events keyed by impression id (an impression and its clicks share a partition).",
-        epilog="examples:\n"
-        "  stream-fm produce --bootstrap-servers 127.0.0.1:9092 --topic events --demo 100000\n"
+    config = _command(
+        sub, "config", "print the effective configuration and where each value came from",
+        "Resolve --config FILE, STREAM_FM_* environment variables and flags as `run` would, validate "
+        "them, and print the result with secrets masked. Exit 2 if anything is invalid.",
+        "stream-fm config --config worker.toml --n-factors 16",
+    )  # fmt: skip
+    _config_flags(config)
+
+    produce = _command(
+        sub, "produce", "write the demo stream or a JSON-lines file into a Kafka topic",
+        "Produce events keyed by impression id (an impression and its clicks share a partition).",
+        "stream-fm produce --bootstrap-servers 127.0.0.1:9092 --topic events --demo 100000\n"
         "  stream-fm produce --bootstrap-servers 127.0.0.1:9092 --topic events --file events.jsonl",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    )  # fmt: skip
     produce.add_argument("--bootstrap-servers", required=True, metavar="HOST:PORT")
     produce.add_argument("--topic", required=True)
     what = produce.add_mutually_exclusive_group(required=True)
     what.add_argument("--demo", type=int, metavar="N", help="the first N events of the demo stream")
     what.add_argument("--file", type=Path, help="a JSON-lines file, one event per line")
     produce.add_argument("--seed", type=int, default=0, help="demo stream seed")
+    _log_flags(produce)
 
-    serve = sub.add_parser(
-        "serve",
-        help="serve predictions over HTTP from the newest snapshot",
-        description="HTTP predictions from the newest valid snapshot under ROOT, hot-reloaded. "
+    inspect = _command(
+        sub, "inspect", "verify a snapshot and summarise it",
+        "Verify every checksum of a snapshot (or of every snapshot in a root) and print its manifest "
+        "summary and top features. Exit code 1 if any snapshot fails verification.",
+        "stream-fm inspect snapshots/\n"
+        "  stream-fm inspect snapshots/snap-0000000042-20261125T101500Z --top 20",
+    )  # fmt: skip
+    inspect.add_argument("path", type=Path, help="a snapshot root or one snapshot directory")
+    inspect.add_argument("--top", type=int, default=10, help="how many top features to list (default 10)")
+    _log_flags(inspect)
+
+    serve = _command(
+        sub, "serve", "serve predictions over HTTP from the newest snapshot",
+        "HTTP predictions from the newest valid snapshot under ROOT, hot-reloaded. "
         'POST /predict {"features": {...}} or {"instances": [...]}; GET /healthz, /readyz.',
-        epilog="examples:\n  stream-fm serve --snapshots snapshots/ --port 8080\n"
-        '  curl -s localhost:8080/predict -d \'{"features": {"ad": "a17"}}\'',
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+        "stream-fm serve --snapshots snapshots/ --port 8080\n"
+        "  curl -s localhost:8080/predict -d '{\"features\": {\"ad\": \"a17\"}}'",
+    )  # fmt: skip
     serve.add_argument("--snapshots", type=Path, required=True, metavar="ROOT", help="snapshot root")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     serve.add_argument(
         "--reload-interval", type=float, default=5.0, help="seconds between checks (default 5)"
     )
+    _log_flags(serve)
     return parser
 
 
-def _worker_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--snapshot-dir", type=Path, default=Path("snapshots"), help="snapshot root (default ./snapshots)"
-    )
-    p.add_argument(
-        "--snapshot-interval", type=float, default=60.0, help="seconds between snapshots (default 60)"
-    )
-    p.add_argument("--snapshot-every-samples", type=int, default=None, help="also snapshot every N samples")
-    p.add_argument("--snapshot-keep", type=int, default=5, help="snapshots kept (default 5)")
-    p.add_argument(
-        "--attribution-window", type=float, default=1800.0, help="seconds a click may follow (1800)"
-    )
-    p.add_argument("--allowed-lateness", type=float, default=60.0, help="event-time lateness tolerated (60)")
-    p.add_argument("--max-pending", type=int, default=1_000_000, help="impressions waiting at most (10^6)")
-    p.add_argument("--batch-size", type=int, default=5000, help="records per poll (5000)")
-    p.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress lines")
-    p.add_argument(
-        "--metrics-host", default="127.0.0.1", help="metrics bind address (0.0.0.0: all interfaces)"
-    )
-    p.add_argument("--metrics-port", type=int, default=9108, help="/metrics, /healthz, /readyz port (9108)")
-    p.add_argument("--no-metrics", action="store_true", help="do not serve metrics")
+def _command(sub: Any, name: str, help_: str, description: str, examples: str) -> argparse.ArgumentParser:
+    return sub.add_parser(
+        name, help=help_, description=description, epilog=f"examples:\n  {examples}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+
+
+def _config_flags(p: argparse.ArgumentParser) -> None:
+    """A flag per setting that has one; each defaults to "not given" so that precedence works."""
+    from stream_fm.config import SETTINGS, _show
+
+    p.add_argument("--config", type=Path, metavar="FILE", help="a TOML file of settings (see the README)")
+    for s in SETTINGS:
+        if not s.flag:
+            continue
+        kw: dict[str, Any] = {"dest": s.key, "default": argparse.SUPPRESS}
+        kw["help"] = f"{s.help} [{s.key}, default {_show(s.default)}]"
+        if s.type is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif s.type is list:
+            kw["action"] = "append"
+            kw["metavar"] = s.name.upper().rstrip("S")
+        else:
+            kw["metavar"] = "|".join(s.choices) if s.choices else s.name.upper()
+        p.add_argument(s.flag, **kw)
+
+
+def _log_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
     try:
-        if args.command == "inspect":
-            return _inspect(args.path, args.top)
-        if args.command in ("run", "replay"):
-            return _run(args)
+        if args.command in ("run", "replay", "config"):
+            config = _load_config(args)
+            if args.command == "config":
+                print(config.describe())
+                return EXIT_OK
+            logs.setup(config.logging.level, config.logging.format)
+            return _run(args, config)
+        logs.setup(args.log_level, args.log_format)
         if args.command == "produce":
             return _produce(args)
+        if args.command == "inspect":
+            return _inspect(args.path, args.top)
         if args.command == "serve":
             from stream_fm import server
 
@@ -164,87 +166,79 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_USAGE
 
 
-def _run(args: argparse.Namespace) -> int:
+def _load_config(args: argparse.Namespace) -> Any:
+    from stream_fm.config import SETTINGS, load
+
+    keys = {s.key for s in SETTINGS}
+    flags = {k: v for k, v in vars(args).items() if k in keys}
+    return load(args.config, flags=flags)
+
+
+def _run(args: argparse.Namespace, config: Any) -> int:
     import signal
     import threading
 
     from stream_fm import deadletters, sources
     from stream_fm.worker import Worker, WorkerConfig
 
-    config = WorkerConfig(
-        snapshot_dir=args.snapshot_dir,
-        snapshot_every_seconds=args.snapshot_interval,
-        snapshot_every_samples=args.snapshot_every_samples,
-        snapshot_keep=args.snapshot_keep,
-        attribution_window=args.attribution_window,
-        allowed_lateness=args.allowed_lateness,
-        max_pending=args.max_pending,
-        batch_size=args.batch_size,
-        progress_interval=args.progress_interval,
-    )
+    log = logging.getLogger("stream_fm")
+    c = config
+    window = c.join.attribution_window
     dead: deadletters.DeadLetters | None = None
     source: sources.Source
     if args.command == "replay":
         source = sources.FileSource(args.file)
         dead = deadletters.FileDeadLetters(args.dead_letter_file) if args.dead_letter_file else None
-    elif args.bootstrap_servers or args.topic or args.group_id:
-        missing = [
-            f"--{n.replace('_', '-')}"
-            for n in ("bootstrap_servers", "topic", "group_id")
-            if not getattr(args, n)
-        ]
-        if missing:
-            raise ConfigError(
-                missing[0], None, "all of --bootstrap-servers, --topic and --group-id for Kafka"
-            )
-        options = _kafka_options(args.kafka_option)
-        if args.group_instance_id:
-            options["group_instance_id"] = args.group_instance_id
+    elif c.kafka.bootstrap_servers:
+        client = c.kafka_client_config()
+        consumer_client = (
+            dict(client, group_instance_id=c.kafka.group_instance_id) if c.kafka.group_instance_id else client
+        )
         source = sources.KafkaSource(
-            args.bootstrap_servers, args.topic, args.group_id,
-            auto_offset_reset=args.auto_offset_reset, client_config=options,
+            c.kafka.bootstrap_servers, c.kafka.topics, c.kafka.group_id,
+            auto_offset_reset=c.kafka.auto_offset_reset, client_config=consumer_client,
         )  # fmt: skip
-        if args.dead_letter_topic:
-            producer_options = {k: v for k, v in options.items() if k != "group_instance_id"}
-            dead = deadletters.KafkaDeadLetters(
-                args.bootstrap_servers, args.dead_letter_topic, producer_options
-            )
+        if c.kafka.dead_letter_topic:
+            dead = deadletters.KafkaDeadLetters(c.kafka.bootstrap_servers, c.kafka.dead_letter_topic, client)
     else:
-        source = sources.DemoSource(rate=args.demo_rate or None, limit=args.demo_limit)
-        # the demo's event time runs fast (50 impressions a second): a short window shows negatives at once
-        if args.attribution_window == 1800.0:
-            config.attribution_window = 120.0
-    worker = Worker(source, config, dead)
+        source = sources.DemoSource(seed=c.demo.seed, rate=c.demo.rate or None, limit=c.demo.limit)
+        if c.source_of("join", "attribution_window") == "default":
+            window = 120.0  # the demo's event time runs fast: a short window shows negatives at once
+    worker_config = WorkerConfig(
+        snapshot_dir=Path(c.snapshot.dir),
+        snapshot_every_seconds=c.snapshot.interval,
+        snapshot_every_samples=c.snapshot.every_samples,
+        snapshot_keep=c.snapshot.keep,
+        attribution_window=window,
+        allowed_lateness=c.join.allowed_lateness,
+        max_pending=c.join.max_pending,
+        max_message_bytes=c.worker.max_message_bytes,
+        batch_size=c.worker.batch_size,
+        poll_timeout=c.worker.poll_timeout,
+        quality_window=c.worker.quality_window,
+        progress_interval=c.worker.progress_interval,
+        shutdown_timeout=c.worker.shutdown_timeout,
+        model=c.model_kwargs(),
+    )
+    worker = Worker(source, worker_config, dead)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    logging.getLogger(__name__).info("stream-fm %s: %s -> %s", __version__, source.name, args.snapshot_dir)
+    log.info("stream-fm %s: %s -> %s", __version__, source.name, c.snapshot.dir)
     exporter = None
-    if not args.no_metrics:
+    if c.metrics.enabled:
         from stream_fm.metrics import MetricsServer
 
         try:
-            exporter = MetricsServer(worker, args.metrics_host, args.metrics_port).start()
+            exporter = MetricsServer(worker, c.metrics.host, c.metrics.port).start()
         except OSError as e:
-            raise ConfigError(
-                "--metrics-port", args.metrics_port, f"a free port on {args.metrics_host} ({e})"
-            ) from e
+            raise ConfigError("metrics.port", c.metrics.port, f"a free port on {c.metrics.host} ({e})") from e
     try:
         worker.run(stop)
     finally:
         if exporter is not None:
             exporter.stop()
     return EXIT_OK
-
-
-def _kafka_options(pairs: list[str]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError("--kafka-option", pair, "KEY=VALUE, e.g. security_protocol=SASL_SSL")
-        out[key] = int(value) if value.isdigit() else value
-    return out
 
 
 def _produce(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ class Broker:
     """The local broker of deploy/kafka/kafka-local.sh; tests may stop and start it."""
 
     def __init__(self) -> None:
-        self.bootstrap = os.environ.get("STREAM_FM_KAFKA_BOOTSTRAP") or self.start()
+        self.bootstrap = os.environ.get("STREAM_FM_TEST_KAFKA") or self.start()
 
     def start(self) -> str:
         out = subprocess.run([str(KAFKA_SCRIPT), "start"], check=True, capture_output=True, text=True)

@@ -8,16 +8,16 @@
 #   deploy/kafka/kafka-local.sh reset    # stop, and delete the broker's data
 #
 # Environment (defaults in brackets):
-#   STREAM_FM_KAFKA_PORT   client port [9092]; the controller uses the next port
-#   STREAM_FM_KAFKA_HOME   where jars, data, logs and the pid file live [~/.cache/stream-fm/kafka]
+#   KAFKA_LOCAL_PORT   client port [9092]; the controller uses the next port
+#   KAFKA_LOCAL_HOME   where jars, data, logs and the pid file live [~/.cache/stream-fm/kafka]
 #   JAVA                   the java binary [java]; Kafka 4.x needs Java 17+
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 version="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$here/pom.xml")"
-port="${STREAM_FM_KAFKA_PORT:-9092}"
+port="${KAFKA_LOCAL_PORT:-9092}"
 controller_port="$((port + 1))"
-home="${STREAM_FM_KAFKA_HOME:-$HOME/.cache/stream-fm/kafka}"
+home="${KAFKA_LOCAL_HOME:-$HOME/.cache/stream-fm/kafka}"
 lib="$home/$version/lib"
 run="$home/run-$port"
 pidfile="$run/broker.pid"
