@@ -33,10 +33,10 @@ def state_equal(a: SparseFM, b: SparseFM) -> bool:
     return ma == mb and sa.keys() == sb.keys() and all(np.array_equal(sa[k], sb[k]) for k in sa)
 
 
-def stream_fm_process(args: list[str], log: Path) -> subprocess.Popen:
+def stream_fm_process(args: list[str], log: Path, cwd: Path | None = None) -> subprocess.Popen:
     """`stream-fm ARGS` as a child process, its output appended to ``log``."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "stream_fm.cli", *args], stdout=out, stderr=out, env=env
+            [sys.executable, "-m", "stream_fm.cli", *args], stdout=out, stderr=out, env=env, cwd=cwd
         )
