@@ -414,3 +414,16 @@ def test_a_writer_killed_at_any_instant_leaves_latest_complete(tmp_path, delay):
     assert serving.load(tmp_path).name == latest
     snapshot.prune(tmp_path, keep=3)  # and the dead writer's debris goes at the next retention pass
     assert all(p.name == snapshot.LATEST or p.name.startswith("snap-") for p in tmp_path.iterdir())
+
+
+def test_an_unknown_format_version_is_refused_clearly(tmp_path):
+    """A snapshot from a future release: a clear refusal naming both versions, nothing half-loaded."""
+    model, _ = trained()
+    path = snapshot.write(tmp_path, model)
+    manifest = json.loads((path / snapshot.MANIFEST).read_text())
+    manifest["format_version"] = 2
+    body = json.dumps(manifest).encode()
+    (path / snapshot.MANIFEST).write_bytes(body)
+    (path / snapshot.MANIFEST_SHA256).write_text(hashlib.sha256(body).hexdigest() + "\n")
+    with pytest.raises(SnapshotError, match=r"format_version 2 is not supported \(expected 1\)"):
+        snapshot.read(path)
