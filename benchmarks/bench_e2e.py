@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, print_table
 
 from stream_fm.demo import DemoStream
+from stream_fm.progress import Bar
 from stream_fm.sources import KafkaSource
 from stream_fm.worker import Worker, WorkerConfig
 
@@ -56,10 +57,13 @@ def ensure_topic(bootstrap: str, n: int, partitions: int) -> str:
     admin.close()
     producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=50, batch_size=512 * 1024, acks=1)
     t = time.perf_counter()
+    bar = Bar(n, "producing")
     for i, (key, event) in enumerate(DemoStream(seed=0)):
         if i >= n:
             break
         producer.send(topic, key=key.encode(), value=orjson.dumps(event))
+        bar.update(i + 1, "events")
+    bar.close()
     producer.flush()
     producer.close()
     print(f"produced {n:,} events into {topic} in {time.perf_counter() - t:.1f} s")

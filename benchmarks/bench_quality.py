@@ -23,6 +23,7 @@ import datasets
 from common import machine, one_hot, print_table
 
 from stream_fm import SparseFM
+from stream_fm.progress import Bar
 
 RESULTS = Path(__file__).parent / "results"
 Learner = Callable[[datasets.Stream], np.ndarray]  # stream -> progressive predictions
@@ -53,10 +54,14 @@ def river_model(factory: Callable[[], object]) -> Learner:
     def run(stream: datasets.Stream) -> np.ndarray:
         model = factory()
         out = np.empty(len(stream))
+        bar = Bar(len(stream), type(model).__name__)  # river's FM takes minutes: show progress
         for i, (x, y) in enumerate(stream):
             x = one_hot(x)
             out[i] = model.predict_proba_one(x).get(True, 0.0)
             model.learn_one(x, y)
+            if i % 1000 == 0:
+                bar.update(i, "samples")
+        bar.close()
         return out
 
     return run

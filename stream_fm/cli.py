@@ -246,15 +246,18 @@ def _produce(args: argparse.Namespace) -> int:
     from kafka import KafkaProducer
 
     from stream_fm.demo import DemoStream
+    from stream_fm.progress import Bar
 
     producer = KafkaProducer(bootstrap_servers=args.bootstrap_servers, acks="all", linger_ms=20)
     n = 0
+    bar = Bar(args.demo, "produce")
     if args.demo is not None:
         for key, event in DemoStream(seed=args.seed):
             if n >= args.demo:
                 break
             producer.send(args.topic, key=key.encode(), value=orjson.dumps(event))
             n += 1
+            bar.update(n, "events")
     else:
         with open(args.file, "rb") as f:
             for line in f:
@@ -268,7 +271,9 @@ def _produce(args: argparse.Namespace) -> int:
                     key = None  # sent as is: the worker dead-letters it
                 producer.send(args.topic, key=key.encode() if isinstance(key, str) else None, value=line)
                 n += 1
+                bar.update(n, "events", fraction=f.tell() / max(1, args.file.stat().st_size))
     producer.flush()
+    bar.close()
     producer.close()
     print(f"produced {n} events to {args.topic}")
     return EXIT_OK

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import sys
 import threading
 import time
 from collections import Counter
@@ -33,6 +32,7 @@ from stream_fm.errors import ConfigError, FeatureError, SnapshotError
 from stream_fm.events import BadEvent, Click, Impression, decode
 from stream_fm.join import Joiner
 from stream_fm.model import SparseFM
+from stream_fm.progress import Bar
 from stream_fm.quality import RollingQuality
 from stream_fm.sources import Positions, Record, Source
 
@@ -169,12 +169,8 @@ class Worker:
         gc.set_threshold(50_000, 20, 100)
         self.source.start(self.positions)
         last_progress = time.monotonic()
-        fraction = getattr(self.source, "fraction", None)
-        bar = (
-            _Bar(fraction)
-            if fraction is not None and self.config.progress_bar and sys.stderr.isatty()
-            else None
-        )
+        fraction = getattr(self.source, "fraction", None)  # finite sources (a replayed file)
+        bar = Bar(None, "replay") if fraction is not None and self.config.progress_bar else None
         try:
             while not stop.is_set():
                 records = self.source.poll(self.config.poll_timeout, self.config.batch_size)
@@ -195,12 +191,13 @@ class Worker:
                     last_progress = time.monotonic()
                     self.log_progress()
                 if bar is not None:
-                    bar.update(self)
+                    events = sum(self.stats.events.values()) - sum(self.baseline.events.values())
+                    bar.update(events, f"events  logloss {self.quality.logloss():.4f}", fraction=fraction())
                 if self.source.finished and not records:
                     break
         finally:
             if bar is not None:
-                bar.done()
+                bar.close()
             self.snapshot_now("shutdown")
             self.log_progress()
             self.source.close()
@@ -359,30 +356,3 @@ class Worker:
             self.quality.logloss(), self.quality.auc(), self.quality.ctr(),
             self.model.n_features, self.joiner.pending, lag, age,
         )  # fmt: skip
-
-
-class _Bar:
-    """A one-line progress bar on stderr for a finite source (``stream-fm replay`` on a terminal)."""
-
-    def __init__(self, fraction: Callable[[], float]) -> None:
-        self.fraction = fraction
-        self.started = time.monotonic()
-        self.drawn = 0.0
-
-    def update(self, w: Worker) -> None:
-        now = time.monotonic()
-        if now - self.drawn < 0.2:
-            return
-        self.drawn = now
-        f = min(1.0, self.fraction())
-        events = sum(w.stats.events.values()) - sum(w.baseline.events.values())
-        rate = events / max(now - self.started, 1e-9)
-        filled = int(30 * f)
-        sys.stderr.write(
-            f"\r[{'#' * filled}{'.' * (30 - filled)}] {100 * f:5.1f}%  {events:,} events  {rate:,.0f}/s  "
-            f"logloss {w.quality.logloss():.4f}"
-        )
-        sys.stderr.flush()
-
-    def done(self) -> None:
-        sys.stderr.write("\n")

@@ -89,7 +89,7 @@ def test_a_clean_clone_installs_into_a_fresh_virtualenv(tmp_path):
     )
     assert out.stdout.strip() == f"stream-fm {__version__}"
     # every module imports from the installed wheel (nothing left out of the package)
-    modules = sorted(p.stem for p in (REPO / "stream_fm").glob("*.py") if p.stem != "__main__")
+    modules = sorted(p.stem for p in (REPO / "stream_fm").glob("*.py") if not p.stem.startswith("__"))
     code = f"import importlib; [importlib.import_module('stream_fm.' + m) for m in {modules!r}]"
     subprocess.run([python, "-c", code], check=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
 
@@ -100,3 +100,23 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_progress_bar_draws_on_a_terminal_only():
+    import io
+
+    from stream_fm.progress import Bar
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty, pipe = Terminal(), io.StringIO()
+    for stream in (tty, pipe):
+        bar = Bar(200, "replay", stream=stream)
+        bar.update(50, "events")
+        bar.update(60, "events")  # within 0.2 s of the last draw: skipped
+        bar.close()
+    assert tty.getvalue().startswith("\rreplay [#######") and "25.0%" in tty.getvalue()
+    assert tty.getvalue().count("\r") == 1 and tty.getvalue().endswith("\n")
+    assert pipe.getvalue() == ""  # never into logs or pipes
