@@ -197,6 +197,7 @@ def _run(args: argparse.Namespace, config: Any) -> int:
         source = sources.KafkaSource(
             c.kafka.bootstrap_servers, c.kafka.topics, c.kafka.group_id,
             auto_offset_reset=c.kafka.auto_offset_reset, client_config=consumer_client,
+            max_records=c.worker.batch_size,
         )  # fmt: skip
         if c.kafka.dead_letter_topic:
             dead = deadletters.KafkaDeadLetters(c.kafka.bootstrap_servers, c.kafka.dead_letter_topic, client)

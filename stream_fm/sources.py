@@ -9,24 +9,33 @@ stream is one partition whose offsets are event numbers.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
-from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
-from kafka.errors import KafkaError
-from kafka.structs import OffsetAndMetadata
 
+from stream_fm import logs
 from stream_fm.demo import DemoStream
 
-__all__ = ["DemoSource", "FileSource", "KafkaSource", "Positions", "Record", "Source"]
+__all__ = ["Batch", "DemoSource", "FileSource", "KafkaSource", "Positions", "Record", "Source"]
 
 log = logging.getLogger(__name__)
 
 Positions = dict[tuple[str, int], int]
+
+
+class Batch(NamedTuple):
+    """Consecutive records of one partition, as parallel lists (cheaper than an object each)."""
+
+    topic: str
+    partition: int
+    offsets: list[int]
+    keys: list[bytes | None]
+    values: list[bytes | None]
 
 
 @dataclass(slots=True)
@@ -56,7 +65,8 @@ class Source:
     def start(self, positions: Positions) -> None:
         """Begin reading; partitions in ``positions`` resume from the offset given."""
 
-    def poll(self, timeout: float, max_records: int) -> list[Record]:
+    def poll(self, timeout: float, max_records: int) -> list[Batch]:
+        """The next records, grouped by partition; [] if none came within ``timeout`` seconds."""
         raise NotImplementedError
 
     def commit(self, positions: Positions) -> None:
@@ -94,19 +104,21 @@ class FileSource(Source):
                 break
         self._line = skip
 
-    def poll(self, timeout: float, max_records: int) -> list[Record]:
+    def poll(self, timeout: float, max_records: int) -> list[Batch]:
         if self.paused:
             time.sleep(timeout)
             return []
-        out = []
+        values = []
         for _ in range(max_records):
             line = self._file.readline()
             if not line:
                 self.finished = True
                 break
-            out.append(Record(self.topic, 0, self._line, line.rstrip(b"\r\n")))
-            self._line += 1
-        return out
+            values.append(line.rstrip(b"\r\n"))
+        if not values:
+            return []
+        first, self._line = self._line, self._line + len(values)
+        return [Batch(self.topic, 0, list(range(first, self._line)), [None] * len(values), values)]
 
     def assigned(self) -> list[tuple[str, int]]:
         return [(self.topic, 0)]
@@ -144,7 +156,7 @@ class DemoSource(Source):
         self._next = self._base = skip
         self._started = time.monotonic()
 
-    def poll(self, timeout: float, max_records: int) -> list[Record]:
+    def poll(self, timeout: float, max_records: int) -> list[Batch]:
         if self.paused:
             time.sleep(timeout)
             return []
@@ -160,11 +172,14 @@ class DemoSource(Source):
         if self.limit is not None:
             n = min(n, self.limit - self._next)
             self.finished = n <= 0
-        out = []
+        if n <= 0:
+            return []
+        keys, values = [], []
         for key, event in (next(self._events) for _ in range(n)):
-            out.append(Record(self.topic, 0, self._next, orjson.dumps(event), key.encode()))
-            self._next += 1
-        return out
+            keys.append(key.encode())
+            values.append(orjson.dumps(event))
+        first, self._next = self._next, self._next + n
+        return [Batch(self.topic, 0, list(range(first, self._next)), keys, values)]
 
     def assigned(self) -> list[tuple[str, int]]:
         return [(self.topic, 0)]
@@ -180,12 +195,13 @@ class DemoSource(Source):
 
 
 class KafkaSource(Source):
-    """A kafka-python consumer in a group, offsets managed by the worker (no auto-commit).
+    """A Kafka consumer group member, offsets managed by the worker (no auto-commit).
 
-    ``client_config`` passes straight to ``KafkaConsumer`` (security: ``security_protocol``,
-    ``sasl_mechanism``, ``sasl_plain_username``, ``ssl_cafile``, ...). If the broker cannot be
-    reached, the consumer is retried with exponential backoff (up to 30 s) and ``ready`` is False
-    meanwhile; the source never gives up by itself.
+    The kafka-python consumer runs in a child process (:mod:`stream_fm.kafka_fetch`), a batch
+    ahead, so that its record parsing uses another core. ``client_config`` passes straight to
+    ``KafkaConsumer`` (security: ``security_protocol``, ``sasl_mechanism``, ``ssl_cafile``, ...;
+    ``group_instance_id``). If the broker cannot be reached, the consumer is retried with
+    exponential backoff (up to 30 s) and ``ready`` is False meanwhile; it never gives up by itself.
     """
 
     def __init__(
@@ -196,130 +212,110 @@ class KafkaSource(Source):
         *,
         auto_offset_reset: str = "earliest",
         client_config: Mapping[str, Any] | None = None,
+        max_records: int = 5000,
     ) -> None:
         self.name = f"kafka:{','.join(topics)}"
-        self.bootstrap_servers = bootstrap_servers
-        self.topics = list(topics)
-        self.group_id = group_id
-        self.auto_offset_reset = auto_offset_reset
-        self.client_config = dict(client_config or {})
-        self._consumer: Any = None
+        self.settings = {
+            "bootstrap_servers": bootstrap_servers,
+            "topics": list(topics),
+            "group_id": group_id,
+            "auto_offset_reset": auto_offset_reset,
+            "client_config": dict(client_config or {}),
+            "max_records": max_records,
+        }
         self._positions: Positions = {}
-        self._backoff = 0.5
-        self._retry_at = 0.0
-        self._connected = False
+        self._child: Any = None
+        self._conn: Any = None
+        self._meta: tuple[bool, list[tuple[str, int]], dict[tuple[str, int], int], bool] = (
+            False,
+            [],
+            {},
+            False,
+        )
 
     def start(self, positions: Positions) -> None:
-        self._positions = dict(positions)
-        self._connect()
+        # the worker's own dict, updated as it learns: a restarted child resumes from it
+        self._positions = positions
+        self._spawn()
 
-    def _connect(self) -> bool:
-        if self._consumer is not None:
-            return True
-        if time.monotonic() < self._retry_at:
-            return False
-        try:
-            self._consumer = KafkaConsumer(
-                bootstrap_servers=self.bootstrap_servers,
-                group_id=self.group_id,
-                enable_auto_commit=False,
-                auto_offset_reset=self.auto_offset_reset,
-                **self.client_config,
-            )
-        except KafkaError as e:
-            log.warning(
-                "cannot reach Kafka at %s (%s); retrying in %.1f s", self.bootstrap_servers, e, self._backoff
-            )
-            self._retry_at = time.monotonic() + self._backoff
-            self._backoff = min(30.0, self._backoff * 2)
-            return False
-        self._backoff = 0.5
-        self._consumer.subscribe(self.topics, listener=_Listener(self))
-        return True
+    def _spawn(self) -> None:
+        from stream_fm import kafka_fetch
 
-    def seek_to(self, positions: Positions) -> None:
-        """Positions the worker's state has reached (it seeks there when partitions arrive)."""
-        self._positions = dict(positions)
+        context = multiprocessing.get_context("spawn")  # no fork of a process with threads
+        self._conn, child_end = context.Pipe()
+        root = logging.getLogger()
+        level = logging.getLevelName(root.level)
+        fmt = "json" if any(isinstance(h.formatter, logs.JsonFormatter) for h in root.handlers) else "text"
+        self._child = context.Process(
+            target=kafka_fetch.main,
+            args=(child_end, self.settings, dict(self._positions), (level, fmt)),
+            name="stream-fm-kafka",
+            daemon=True,
+        )
+        self._child.start()
+        child_end.close()
 
-    def poll(self, timeout: float, max_records: int) -> list[Record]:
-        if not self._connect():
-            time.sleep(min(timeout, 0.2))
-            return []
-        if self.paused:
-            self._consumer.pause(*self._consumer.assignment())  # keeps the group membership alive
-        elif self._consumer.paused():
-            self._consumer.resume(*self._consumer.paused())
-        try:
-            batches = self._consumer.poll(timeout_ms=int(timeout * 1000), max_records=max_records)
-        except KafkaError as e:
-            self._connected = False
-            log.warning("poll failed: %s", e)
-            time.sleep(min(timeout, 0.5))
-            return []
-        self._connected = bool(self._consumer.assignment())
-        # kafka-python's ConsumerRecords have the fields of a Record: handed on as they are
-        out = []
-        for messages in batches.values():
-            out.extend(messages)
-        return out
+    def poll(self, timeout: float, max_records: int) -> list[Batch]:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                if not self._conn.poll(max(0.0, remaining)):
+                    return []
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                log.error(
+                    "the Kafka consumer process exited (code %s): starting a new one", self._child.exitcode
+                )
+                self._child.join(5)
+                self._spawn()
+                return []
+            if message[0] == "batch":
+                self._conn.send(("ack",))  # the child fetches the next batch while we process this one
+                self._update(message[2])
+                return [Batch(*b) for b in message[1]]
+            self._update(message[1])
+
+    def _update(self, meta: Any) -> None:
+        self._meta = meta
+        if meta[3]:
+            self.rebalanced = True
 
     def commit(self, positions: Positions) -> None:
-        if self._consumer is None or not positions:
-            return
-        mine = set(self._consumer.assignment())
-        offsets = {
-            TopicPartition(t, p): OffsetAndMetadata(off, "", -1)
-            for (t, p), off in positions.items()
-            if TopicPartition(t, p) in mine
-        }
+        if positions:
+            self._send(("commit", dict(positions)))
+
+    def pause(self) -> None:
+        super().pause()
+        self._send(("pause",))
+
+    def resume(self) -> None:
+        super().resume()
+        self._send(("resume",))
+
+    def _send(self, message: tuple[Any, ...]) -> None:
         try:
-            self._consumer.commit(offsets)
-        except KafkaError as e:  # committed offsets are for lag tools; the snapshot is the truth
-            log.warning("could not commit offsets (will retry after the next snapshot): %s", e)
+            self._conn.send(message)
+        except (OSError, AttributeError):  # not started, or the child is gone (poll restarts it)
+            pass
 
     @property
     def ready(self) -> bool:
-        return self._consumer is not None and self._connected
+        return self._meta[0]
 
     def assigned(self) -> list[tuple[str, int]]:
-        if self._consumer is None:
-            return []
-        return sorted((tp.topic, tp.partition) for tp in self._consumer.assignment())
+        return list(self._meta[1])
 
     def lag(self) -> dict[tuple[str, int], int]:
-        """Per assigned partition: the broker's end offset (as last fetched) minus our position."""
-        if self._consumer is None:
-            return {}
-        out = {}
-        for tp in self._consumer.assignment():
-            end = self._consumer.highwater(tp)
-            pos = self._positions.get((tp.topic, tp.partition))
-            if end is not None and pos is not None:
-                out[(tp.topic, tp.partition)] = max(0, end - pos)
-        return out
+        return dict(self._meta[2])
 
     def close(self) -> None:
-        if self._consumer is not None:
-            self._consumer.close(autocommit=False)
-            self._consumer = None
-
-
-class _Listener(ConsumerRebalanceListener):
-    """Rebalance callbacks. In kafka-python 3.x they run on the client's I/O thread: they only
-    set positions and flags, never block (a synchronous commit here could deadlock)."""
-
-    def __init__(self, source: KafkaSource) -> None:
-        self.source = source
-
-    def on_partitions_revoked(self, revoked: Any) -> None:
-        if revoked:
-            self.source.rebalanced = True
-            log.info("partitions revoked: %s", sorted((tp.topic, tp.partition) for tp in revoked))
-
-    def on_partitions_assigned(self, assigned: Any) -> None:
-        consumer = self.source._consumer
-        for tp in assigned:
-            position = self.source._positions.get((tp.topic, tp.partition))
-            if position is not None:
-                consumer.seek(tp, position)  # resume where the model's state is, not the group's commit
-        log.info("partitions assigned: %s", sorted((tp.topic, tp.partition) for tp in assigned))
+        if self._child is None:
+            return
+        self._send(("stop",))
+        self._child.join(15)
+        if self._child.is_alive():
+            self._child.terminate()
+            self._child.join(5)
+        self._conn.close()
+        self._child = None

@@ -34,7 +34,7 @@ from stream_fm.join import Joiner
 from stream_fm.model import SparseFM
 from stream_fm.progress import Bar
 from stream_fm.quality import RollingQuality
-from stream_fm.sources import Positions, Record, Source
+from stream_fm.sources import Batch, Positions, Record, Source
 
 __all__ = ["Worker", "WorkerConfig"]
 
@@ -205,40 +205,41 @@ class Worker:
 
     # ------------------------------------------------------------------ the data path
 
-    def process(self, records: Sequence[Record]) -> None:
-        """One polled batch: decode, join, learn; positions advance past every record."""
+    def process(self, batches: Sequence[Batch]) -> None:
+        """One poll's batches: decode, join, learn; positions advance past every record."""
         t = time.perf_counter()
         xs: list[dict[str, Any]] = []
         ys: list[bool] = []
         newest = None
         joiner = self.joiner
-        positions = self.positions
         max_bytes = self.config.max_message_bytes
         n_imp = n_click = n_sample = 0
-        for record in records:
-            try:
-                event = decode(record.value, max_bytes)
-            except BadEvent as e:
-                self._bad(record, e.reason, e.detail)
-                continue
-            finally:
-                positions[record.topic, record.partition] = record.offset + 1
-            if type(event) is Impression:
-                n_imp += 1
-                out = joiner.impression(event.id, event.ts, event.features)
-            elif type(event) is Click:
-                n_click += 1
-                out = joiner.click(event.impression_id, event.ts)
-            else:
-                n_sample += 1
-                out = [(event.label, event.features, event.ts)]
-                if event.ts is not None:
-                    out.extend(joiner.advance(event.ts))
-            for label, features, ts in out:
-                xs.append(features)
-                ys.append(label)
-                if ts is not None and (newest is None or ts > newest):
-                    newest = ts
+        for batch in batches:
+            for i, value in enumerate(batch.values):
+                try:
+                    event = decode(value, max_bytes)
+                except BadEvent as e:
+                    record = Record(batch.topic, batch.partition, batch.offsets[i], value, batch.keys[i])
+                    self._bad(record, e.reason, e.detail)
+                    continue
+                if type(event) is Impression:
+                    n_imp += 1
+                    out = joiner.impression(event.id, event.ts, event.features)
+                elif type(event) is Click:
+                    n_click += 1
+                    out = joiner.click(event.impression_id, event.ts)
+                else:
+                    n_sample += 1
+                    out = [(event.label, event.features, event.ts)]
+                    if event.ts is not None:
+                        out.extend(joiner.advance(event.ts))
+                for label, features, ts in out:
+                    xs.append(features)
+                    ys.append(label)
+                    if ts is not None and (newest is None or ts > newest):
+                        newest = ts
+            if batch.offsets:
+                self.positions[batch.topic, batch.partition] = batch.offsets[-1] + 1
         for kind, n in (("impression", n_imp), ("click", n_click), ("sample", n_sample)):
             if n:
                 self.stats.events[kind] += n

@@ -1,0 +1,218 @@
+"""The Kafka consumer, in a child process of the worker.
+
+kafka-python parses record batches in pure Python: reading a message costs about as much as
+everything the worker then does with it (decode, join, learn). In a process of its own the
+consumer runs on another core, a batch ahead of the worker, and hands over plain lists (offsets,
+keys, values) through a pipe.
+
+The worker stays the owner of positions and offsets: the child seeks where the worker's state
+is, commits only what the worker asks it to commit (after a durable snapshot), and exits when the
+worker goes away (the pipe closes) or tells it to stop.
+
+Messages, worker -> child: ``("ack",)`` (a batch was taken: fetch the next), ``("commit",
+positions)``, ``("pause",)``, ``("resume",)``, ``("stop",)``. Child -> worker: ``("batch",
+batches, meta)``, ``("meta", meta)``, where ``meta = (ready, assigned, lag, rebalanced)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from stream_fm import logs
+
+__all__ = ["PREFETCH", "main"]
+
+log = logging.getLogger(__name__)
+
+PREFETCH = 1  # batches fetched ahead of the one the worker is processing
+Positions = dict[tuple[str, int], int]
+
+
+def main(
+    conn: Connection, settings: dict[str, Any], positions: Positions, log_setup: tuple[str, str]
+) -> None:
+    """The child's entry point (multiprocessing, spawn)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker handles Ctrl-C and tells us to stop
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logs.setup(*log_setup)
+    _Fetcher(conn, settings, positions).loop()
+
+
+class _Fetcher:
+    def __init__(self, conn: Connection, settings: dict[str, Any], positions: Positions) -> None:
+        self.conn = conn
+        self.s = settings
+        self.sent: Positions = dict(positions)  # next offset after what was handed over
+        self.parent = os.getppid()
+        self.consumer: KafkaConsumer | None = None
+        self.in_flight = 0
+        self.paused = False
+        self.rebalanced = False
+        self.backoff, self.retry_at = 0.5, 0.0
+        self.last_meta: Any = None
+        self.meta_at = 0.0
+
+    def loop(self) -> None:
+        try:
+            while True:
+                if not self._commands(0.0 if self.in_flight < PREFETCH else 0.05):
+                    return
+                if os.getppid() != self.parent:
+                    return  # the worker died: nobody will take what we fetch
+                if not self._connect():
+                    time.sleep(0.1)
+                    self._send_meta()
+                    continue
+                if self.in_flight >= PREFETCH:
+                    continue
+                self._fetch()
+        finally:
+            if self.consumer is not None:
+                self.consumer.close(autocommit=False)
+
+    def _commands(self, wait: float) -> bool:
+        """Handle what the worker sent; False once it said stop or went away."""
+        try:
+            while self.conn.poll(wait):
+                wait = 0.0
+                msg = self.conn.recv()
+                kind = msg[0]
+                if kind == "ack":
+                    self.in_flight -= 1
+                elif kind == "commit":
+                    self._commit(msg[1])
+                elif kind == "pause":
+                    self.paused = True
+                elif kind == "resume":
+                    self.paused = False
+                elif kind == "stop":
+                    return False
+        except (EOFError, OSError):
+            return False
+        return True
+
+    def _connect(self) -> bool:
+        if self.consumer is not None:
+            return True
+        if time.monotonic() < self.retry_at:
+            return False
+        try:
+            self.consumer = KafkaConsumer(
+                bootstrap_servers=self.s["bootstrap_servers"],
+                group_id=self.s["group_id"],
+                enable_auto_commit=False,
+                auto_offset_reset=self.s["auto_offset_reset"],
+                **self.s["client_config"],
+            )
+        except KafkaError as e:
+            log.warning(
+                "cannot reach Kafka at %s (%s); retrying in %.1f s",
+                self.s["bootstrap_servers"],
+                e,
+                self.backoff,
+            )
+            self.retry_at = time.monotonic() + self.backoff
+            self.backoff = min(30.0, self.backoff * 2)
+            return False
+        self.backoff = 0.5
+        self.consumer.subscribe(self.s["topics"], listener=_Listener(self))
+        return True
+
+    def _fetch(self) -> None:
+        assert self.consumer is not None
+        consumer = self.consumer
+        if self.paused:
+            consumer.pause(*consumer.assignment())  # keeps the group membership alive
+        elif consumer.paused():
+            consumer.resume(*consumer.paused())
+        try:
+            fetched = consumer.poll(timeout_ms=200, max_records=self.s["max_records"])
+        except KafkaError as e:
+            log.warning("poll failed: %s", e)
+            time.sleep(0.2)
+            return
+        batches = []
+        for tp, messages in fetched.items():
+            if not messages:
+                continue
+            batches.append(
+                (
+                    tp.topic,
+                    tp.partition,
+                    [m.offset for m in messages],
+                    [m.key for m in messages],
+                    [m.value for m in messages],
+                )
+            )
+            self.sent[(tp.topic, tp.partition)] = messages[-1].offset + 1
+        if batches:
+            self.conn.send(("batch", batches, self._meta()))
+            self.in_flight += 1
+        else:
+            self._send_meta()
+
+    def _meta(self) -> tuple[bool, list[tuple[str, int]], dict[tuple[str, int], int], bool]:
+        consumer = self.consumer
+        assigned = sorted((tp.topic, tp.partition) for tp in consumer.assignment()) if consumer else []
+        lag = {}
+        for topic, partition in assigned:
+            end = consumer.highwater(TopicPartition(topic, partition))
+            pos = self.sent.get((topic, partition))
+            if end is not None and pos is not None:
+                lag[(topic, partition)] = max(0, end - pos)
+        rebalanced, self.rebalanced = self.rebalanced, False
+        return (bool(assigned), assigned, lag, rebalanced)
+
+    def _send_meta(self) -> None:
+        """Tell the worker about readiness and lag when they change, or every second."""
+        meta = self._meta()
+        now = time.monotonic()
+        if meta != self.last_meta or now - self.meta_at >= 1.0:
+            self.conn.send(("meta", meta))
+            self.last_meta, self.meta_at = meta, now
+
+    def _commit(self, positions: Positions) -> None:
+        if self.consumer is None:
+            return
+        mine = set(self.consumer.assignment())
+        offsets = {
+            TopicPartition(t, p): OffsetAndMetadata(off, "", -1)
+            for (t, p), off in positions.items()
+            if TopicPartition(t, p) in mine
+        }
+        if not offsets:
+            return
+        try:
+            self.consumer.commit(offsets)
+        except KafkaError as e:  # committed offsets are for lag tools; the snapshot is the truth
+            log.warning("could not commit offsets (will retry after the next snapshot): %s", e)
+
+
+class _Listener(ConsumerRebalanceListener):
+    """Rebalance callbacks. In kafka-python 3.x they run on the client's I/O thread: they only
+    set positions and flags, never block (a synchronous commit here could deadlock)."""
+
+    def __init__(self, fetcher: _Fetcher) -> None:
+        self.fetcher = fetcher
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        if revoked:
+            self.fetcher.rebalanced = True
+            log.info("partitions revoked: %s", sorted((tp.topic, tp.partition) for tp in revoked))
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        consumer = self.fetcher.consumer
+        for tp in assigned:
+            position = self.fetcher.sent.get((tp.topic, tp.partition))
+            if position is not None:
+                consumer.seek(tp, position)  # where the worker's state is, not the group's commit
+        log.info("partitions assigned: %s", sorted((tp.topic, tp.partition) for tp in assigned))
