@@ -6,6 +6,7 @@ deploy/kafka/kafka-local.sh, on topics of its own. No mock stands in for Kafka.
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import time
@@ -274,3 +275,34 @@ def _consumed(tmp_path: Path, stream: Produced) -> bool:
     """The worker's progress line reports every event (it logs one every 2 s)."""
     total = stream.counts["impression"] + stream.counts["click"]
     return f"progress: {total} events" in (tmp_path / "worker.log").read_text()
+
+
+def _consumer_child(pid: int) -> int:
+    """The pid of the worker's Kafka consumer process (a multiprocessing spawn child)."""
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        cmdline = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+        if b"multiprocessing.spawn" in cmdline and b"resource_tracker" not in cmdline:
+            return int(child)
+    raise AssertionError("no consumer child process found")
+
+
+def test_a_killed_consumer_process_is_replaced_and_nothing_is_lost(kafka, topic_factory, tmp_path):
+    topic = topic_factory(2, "events")
+    first, second = make_stream(1000, seed=5), make_stream(1000, seed=6)
+    produce(kafka.bootstrap, topic, first.messages)
+    log = tmp_path / "worker.log"
+    root = tmp_path / "snaps"
+    proc = stream_fm_process(worker_args(kafka, topic, "child", root), log)
+    try:
+        ends = end_offsets(kafka.bootstrap, topic)
+        wait_until(lambda: latest_offsets(root, topic) == ends, 120, "the first half", proc)
+        os.kill(_consumer_child(proc.pid), signal.SIGKILL)
+        produce(kafka.bootstrap, topic, second.messages)
+        ends = end_offsets(kafka.bootstrap, topic)
+        wait_until(lambda: latest_offsets(root, topic) == ends, 180, "the second half", proc)
+        assert "the Kafka consumer process exited" in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+    events = snapshot.read(root / snapshot.latest_name(root)).extra["stats"]["events"]
+    assert events == {k: first.counts[k] + second.counts[k] for k in events}
