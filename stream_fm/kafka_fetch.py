@@ -11,7 +11,7 @@ worker goes away (the pipe closes) or tells it to stop.
 
 Messages, worker -> child: ``("ack",)`` (a batch was taken: fetch the next), ``("commit",
 positions)``, ``("pause",)``, ``("resume",)``, ``("stop",)``. Child -> worker: ``("batch",
-batches, meta)``, ``("meta", meta)``, where ``meta = (ready, assigned, lag, rebalanced)``.
+batches, meta)``, ``("meta", meta)``, where ``meta = (ready, assigned, lag, rebalanced, broker_up)``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import time
 from multiprocessing.connection import Connection
 from typing import Any
@@ -60,6 +61,7 @@ class _Fetcher:
         self.backoff, self.retry_at = 0.5, 0.0
         self.last_meta: Any = None
         self.meta_at = 0.0
+        self.up, self.probed_at = False, -10.0
 
     def loop(self) -> None:
         try:
@@ -160,7 +162,29 @@ class _Fetcher:
         else:
             self._send_meta()
 
-    def _meta(self) -> tuple[bool, list[tuple[str, int]], dict[tuple[str, int], int], bool]:
+    def _reachable(self) -> bool:
+        """A broker accepts TCP connections (checked every 2 s): kafka-python keeps its assignment
+        through an outage and says nothing, so readiness asks the network itself."""
+        now = time.monotonic()
+        if now - self.probed_at < 2.0:
+            return self.up
+        self.probed_at = now
+        servers = self.s["bootstrap_servers"]
+        for server in [servers] if isinstance(servers, str) else servers:
+            for address in str(server).split(","):
+                host, _, port = address.strip().rpartition(":")
+                try:
+                    socket.create_connection(
+                        (host.strip("[]") or "localhost", int(port or 9092)), timeout=1.0
+                    ).close()
+                except (OSError, ValueError):
+                    continue
+                self.up = True
+                return True
+        self.up = False
+        return False
+
+    def _meta(self) -> tuple[bool, list[tuple[str, int]], dict[tuple[str, int], int], bool, bool]:
         consumer = self.consumer
         assigned = sorted((tp.topic, tp.partition) for tp in consumer.assignment()) if consumer else []
         lag = {}
@@ -170,7 +194,8 @@ class _Fetcher:
             if end is not None and pos is not None:
                 lag[(topic, partition)] = max(0, end - pos)
         rebalanced, self.rebalanced = self.rebalanced, False
-        return (bool(assigned), assigned, lag, rebalanced)
+        up = self._reachable()
+        return (up and bool(assigned), assigned, lag, rebalanced, up)
 
     def _send_meta(self) -> None:
         """Tell the worker about readiness and lag when they change, or every second."""
@@ -191,10 +216,19 @@ class _Fetcher:
         }
         if not offsets:
             return
-        try:
-            self.consumer.commit(offsets)
-        except KafkaError as e:  # committed offsets are for lag tools; the snapshot is the truth
-            log.warning("could not commit offsets (will retry after the next snapshot): %s", e)
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                self.consumer.commit(offsets)
+                return
+            except KafkaError as e:
+                # e.g. the group coordinator is still loading after a broker restart: worth a retry
+                if getattr(e, "retriable", False) and time.monotonic() < deadline:
+                    time.sleep(0.5)
+                    continue
+                # committed offsets are for lag tools; the snapshot is the truth
+                log.warning("could not commit offsets (will retry after the next snapshot): %s", e)
+                return
 
 
 class _Listener(ConsumerRebalanceListener):

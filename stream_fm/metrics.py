@@ -134,7 +134,9 @@ class WorkerCollector(Collector):
             "stream_fm_consumer_assigned_partitions", "Partitions assigned to this worker", len(w.assigned)
         )
         yield _gauge(
-            "stream_fm_broker_up", "1 if the source is reachable (Kafka: a broker answers)", float(w.ready)
+            "stream_fm_broker_up",
+            "1 if the source is reachable (Kafka: a broker answers)",
+            float(w.broker_up),
         )
 
         newest = stats.newest_event_ts

@@ -76,6 +76,11 @@ class Source:
     def ready(self) -> bool:
         return True
 
+    @property
+    def broker_up(self) -> bool:
+        """The source's server is reachable (always, for a file or the demo)."""
+        return True
+
     def lag(self) -> dict[tuple[str, int], int]:
         return {}
 
@@ -226,12 +231,8 @@ class KafkaSource(Source):
         self._positions: Positions = {}
         self._child: Any = None
         self._conn: Any = None
-        self._meta: tuple[bool, list[tuple[str, int]], dict[tuple[str, int], int], bool] = (
-            False,
-            [],
-            {},
-            False,
-        )
+        # (ready, assigned, lag, rebalanced, broker up), as the child last reported
+        self._meta: tuple[Any, ...] = (False, [], {}, False, False)
 
     def start(self, positions: Positions) -> None:
         # the worker's own dict, updated as it learns: a restarted child resumes from it
@@ -302,6 +303,10 @@ class KafkaSource(Source):
     @property
     def ready(self) -> bool:
         return self._meta[0]
+
+    @property
+    def broker_up(self) -> bool:
+        return self._meta[4]
 
     def assigned(self) -> list[tuple[str, int]]:
         return list(self._meta[1])

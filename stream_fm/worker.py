@@ -106,6 +106,7 @@ class Worker:
         # the source's state as of the last batch (read by the metrics thread, which must not
         # touch the Kafka client: kafka-python's consumer is not thread-safe)
         self.ready = False
+        self.broker_up = False
         self.lag: dict[tuple[str, int], int] = {}
         self.assigned: list[tuple[str, int]] = []
         # hooks: called on this thread after each batch (seconds) and each durable snapshot
@@ -176,10 +177,12 @@ class Worker:
                 records = self.source.poll(self.config.poll_timeout, self.config.batch_size)
                 if records:
                     self.process(records)
-                self.ready, self.lag, self.assigned = (
-                    self.source.ready,
-                    self.source.lag(),
-                    self.source.assigned(),
+                src = self.source
+                self.ready, self.broker_up, self.lag, self.assigned = (
+                    src.ready,
+                    src.broker_up,
+                    src.lag(),
+                    src.assigned(),
                 )
                 if self.source.rebalanced:
                     self.source.rebalanced = False

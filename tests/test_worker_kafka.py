@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -226,10 +229,16 @@ def test_the_worker_rides_out_a_broker_restart(kafka, topic_factory, tmp_path):
     try:
         ends = end_offsets(kafka.bootstrap, topic)
         wait_until(lambda: latest_offsets(tmp_path / "snaps", topic) == ends, 120, "the first half", proc)
+        url = re.search(r"metrics on (http://[\d.:]+)/metrics", log.read_text()).group(1)
+        assert readiness(url) == 200
         kafka.stop()
-        time.sleep(3)  # the worker polls a dead broker meanwhile; it must not exit
+        # the worker polls a dead broker meanwhile: not ready, broker down, but it does not exit
+        wait_until(lambda: readiness(url) == 503, 30, "/readyz to say 503", proc)
+        metrics = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
+        assert "stream_fm_broker_up 0.0" in metrics
         assert proc.poll() is None, log.read_text()[-3000:]
         kafka.start()
+        wait_until(lambda: readiness(url) == 200, 60, "/readyz to say 200 again", proc)
         produce(kafka.bootstrap, topic, second.messages)
         ends = end_offsets(kafka.bootstrap, topic)
         wait_until(lambda: latest_offsets(tmp_path / "snaps", topic) == ends, 180, "the second half", proc)
@@ -275,6 +284,13 @@ def _consumed(tmp_path: Path, stream: Produced) -> bool:
     """The worker's progress line reports every event (it logs one every 2 s)."""
     total = stream.counts["impression"] + stream.counts["click"]
     return f"progress: {total} events" in (tmp_path / "worker.log").read_text()
+
+
+def readiness(url: str) -> int:
+    try:
+        return urllib.request.urlopen(url + "/readyz", timeout=5).status
+    except urllib.error.HTTPError as e:
+        return e.code
 
 
 def _consumer_child(pid: int) -> int:
