@@ -74,8 +74,25 @@ def fed_worker(tmp_path):
     return worker, registry
 
 
-def test_every_series_exists_with_its_type_and_labels(fed_worker):
-    _, registry = fed_worker
+@pytest.fixture
+def demo_worker_after_a_short_run(tmp_path):
+    """The built-in demo source for 20,000 events (unpaced), as `stream-fm run` would."""
+    worker = Worker(
+        DemoSource(rate=None, limit=20_000),
+        WorkerConfig(snapshot_dir=tmp_path / "demo", attribution_window=120),
+    )
+    registry = registry_for(worker)
+    worker.run()
+    return worker, registry
+
+
+def test_every_series_exists_with_its_type_and_labels(demo_worker_after_a_short_run):
+    worker, registry = demo_worker_after_a_short_run
+    assert (
+        registry.get_sample_value("stream_fm_events_total", {"type": "impression"})
+        == worker.stats.events["impression"]
+        > 0
+    )
     families = {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
     for name, (kind, labels) in SERIES.items():
         assert name in families, f"{name} is missing"
