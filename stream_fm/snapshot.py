@@ -32,7 +32,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -130,9 +130,7 @@ class _Capture:
         cls, model: SparseFM, extra: Extra | None, buffers: dict[str, np.ndarray] | None = None
     ) -> _Capture:
         extra = extra or Extra()
-        for name in extra.arrays:
-            if not _ARRAY_NAME.match(name):
-                raise SnapshotError(name, "extra array names must match [A-Za-z0-9_][A-Za-z0-9_.-]*")
+        _check_array_names(extra.arrays)  # fail on the caller's thread, where the mistake is
         # the caller's containers may change as soon as we return: copy them now
         copied = Extra(
             arrays={k: np.array(v, copy=True) for k, v in extra.arrays.items()},
@@ -148,10 +146,9 @@ class _Capture:
         arrays, meta = self.state.materialize()
         extra_arrays = dict(self.extra.arrays)
         if self.extra.deferred is not None:
-            extra_arrays.update(self.extra.deferred())
-        for key in extra_arrays:
-            if not _ARRAY_NAME.match(key):
-                raise SnapshotError(key, "extra array names must match [A-Za-z0-9_][A-Za-z0-9_.-]*")
+            deferred = self.extra.deferred()
+            _check_array_names(deferred)
+            extra_arrays.update(deferred)
         sequence = _next_sequence(root)
         name = f"snap-{sequence:010d}-{self.created.strftime('%Y%m%dT%H%M%SZ')}"
         tmp = root / f"{_TMP_PREFIX}{name}-{os.getpid()}"
@@ -194,6 +191,12 @@ class _Capture:
         if keep is not None:
             prune(root, keep)
         return root / name
+
+
+def _check_array_names(names: Iterable[str]) -> None:
+    for name in names:
+        if not _ARRAY_NAME.match(name):
+            raise SnapshotError(name, "extra array names must match [A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 def _write_array(path: Path, array: np.ndarray) -> dict[str, Any]:
