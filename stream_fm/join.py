@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["Joiner", "LabelledSample"]
@@ -145,13 +146,18 @@ class Joiner:
 
     def export_state(self) -> dict[str, Any]:
         """A JSON-able copy of the state (pending impressions in arrival order, closed ids)."""
-        live = sorted((n, id) for _, n, id in self._deadlines if id in self._pending)
-        return {
+        return self.capture()()
+
+    def capture(self) -> Callable[[], dict[str, Any]]:
+        """The fast half of :meth:`export_state`: shallow copies taken now (tens of ms for 10^6
+        pending impressions), turned into the JSON-able state later, on another thread if need
+        be (the sort and the lists take seconds at that size). Feature dicts are shared, never
+        modified."""
+        pending, deadlines, closed = dict(self._pending), list(self._deadlines), list(self._closed.items())
+        head = {
             "config": [self.attribution_window, self.allowed_lateness, self.max_pending],
             "max_ts": self.max_ts if self.max_ts != float("-inf") else None,
             "arrivals": self._arrivals,
-            "pending": [[id, n, *self._pending[id]] for n, id in live],
-            "closed": [[id, d, label] for id, (d, label) in self._closed.items()],
             "counters": [
                 self.duplicates,
                 self.late_clicks,
@@ -160,6 +166,16 @@ class Joiner:
                 self.late_impressions,
             ],
         }
+
+        def state() -> dict[str, Any]:
+            live = sorted((n, id) for _, n, id in deadlines if id in pending)
+            return {
+                **head,
+                "pending": [[id, n, *pending[id]] for n, id in live],
+                "closed": [[id, d, label] for id, (d, label) in closed],
+            }
+
+        return state
 
     @classmethod
     def from_state(cls, state: dict[str, Any], **config: Any) -> Joiner:

@@ -293,11 +293,11 @@ class Worker:
     # ------------------------------------------------------------------ snapshots and commits
 
     def _extra(self) -> snapshot.Extra:
-        state = self.joiner.export_state()  # copies references now; serialised by the writer
+        state = self.joiner.capture()  # shallow copies now; built and serialised by the writer
         return snapshot.Extra(
             meta={"stats": self.stats.to_json(), "source": self.source.name},
             offsets=self._offsets_json(),
-            deferred=lambda: {"join_state": np.frombuffer(orjson.dumps(state), np.uint8)},
+            deferred=lambda: {"join_state": np.frombuffer(orjson.dumps(state()), np.uint8)},
         )
 
     def _offsets_json(self) -> dict[str, dict[str, int]]:

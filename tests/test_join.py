@@ -114,3 +114,14 @@ def test_every_impression_is_trained_exactly_once():
     unique = {e[1] for e in events if e[0] == "imp"}
     assert len(out) == len(unique) and j.pending == 0
     assert all(features["ad"] != "dup" for _, features, _ in out)  # the first of duplicates is trained
+
+
+def test_a_capture_is_the_state_at_capture_time_whatever_follows():
+    """The worker captures on its thread and serialises on the writer's: later events must not leak in."""
+    events = random_events(1200, seed=11)
+    j = Joiner(attribution_window=30, allowed_lateness=5, max_pending=80)
+    feed(j, events[:600])
+    expected = json.loads(json.dumps(j.export_state()))
+    captured = j.capture()
+    feed(j, events[600:])
+    assert json.loads(json.dumps(captured())) == expected
