@@ -172,3 +172,24 @@ def test_systemd_unit_runs_a_valid_command_with_a_valid_config():
     parses_as_stream_fm(argv[1:])
     load(DEPLOY / "systemd" / "worker.toml", environ={})
     assert unit["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_every_stream_fm_variable_the_deploy_files_set_is_a_known_setting(tmp_path):
+    """STREAM_FM_* variables in the image, compose, manifests and unit: each names a real setting."""
+    found: dict[str, str] = {}
+    for path in DEPLOY.rglob("*"):
+        if (path.is_file() and path.suffix in ("", ".yaml", ".yml", ".service")) or path.name == "Dockerfile":
+            text = path.read_text(errors="replace")
+            for name in re.findall(r"\b(STREAM_FM_[A-Z0-9_]+)", text):
+                found[name] = str(path.relative_to(REPO))
+    assert {"STREAM_FM_SNAPSHOT_DIR", "STREAM_FM_METRICS_HOST", "STREAM_FM_KAFKA_GROUP_INSTANCE_ID"} <= set(
+        found
+    )
+    secret = tmp_path / "secret"
+    secret.write_text("x")
+    environ = {name: (str(secret) if name.endswith("_FILE") else "1") for name in found}
+    for name in environ:
+        try:
+            load(environ={name: environ[name]})
+        except Exception as e:  # a value of "1" may be out of range: only unknown names matter here
+            assert "a known variable" not in str(e), f"{found[name]}: {e}"
