@@ -26,10 +26,14 @@ class Bar:
         self.started = time.monotonic()
         self.drawn = 0.0
 
+    def due(self) -> bool:
+        """Whether an update now would draw (callers skip preparing a note otherwise)."""
+        return self.enabled and time.monotonic() - self.drawn >= 0.2
+
     def update(self, done: int, note: str = "", fraction: float | None = None) -> None:
-        now = time.monotonic()
-        if not self.enabled or now - self.drawn < 0.2:
+        if not self.due():
             return
+        now = time.monotonic()
         self.drawn = now
         rate = done / max(now - self.started, 1e-9)
         if fraction is None and self.total:

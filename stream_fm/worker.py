@@ -193,7 +193,7 @@ class Worker:
                 if time.monotonic() - last_progress >= self.config.progress_interval:
                     last_progress = time.monotonic()
                     self.log_progress()
-                if bar is not None:
+                if bar is not None and bar.due():
                     events = sum(self.stats.events.values()) - sum(self.baseline.events.values())
                     bar.update(events, f"events  logloss {self.quality.logloss():.4f}", fraction=fraction())
                 if self.source.finished and not records:
