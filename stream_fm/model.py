@@ -227,11 +227,7 @@ class SparseFM(base.Classifier):
             self._insert_missing(rows, [0, len(rows)], misses, lambda stop: None)
         self._one_offsets[1] = len(rows)
         self._one_label[0] = label
-        _kernels.learn(
-            rows, vals, self._one_offsets, self._one_label, self.samples_seen, self._opt, self._hp,
-            self._bias, self._w, self._V, self._gw, self._gV, self._last, self._one_out, self._counts,
-        )  # fmt: skip
-        self.samples_seen += 1
+        self._train(rows, vals, self._one_offsets, self._one_label, self._one_out, 0, 1)
 
     def learn_batch(self, xs: Sequence[Mapping[str, Any]], ys: Iterable[Any]) -> np.ndarray:
         """Learn samples in order; return each one's probability predicted *before* its update.
@@ -321,7 +317,7 @@ class SparseFM(base.Classifier):
 
     def _train(
         self,
-        rows: list[int],
+        rows: list[int] | np.ndarray,
         vals: np.ndarray,
         offsets: np.ndarray,
         labels: np.ndarray,
@@ -329,8 +325,8 @@ class SparseFM(base.Classifier):
         start: int,
         stop: int,
     ) -> None:
-        if start == 0 and stop == len(offsets) - 1:  # the whole batch: no slicing
-            r, v, o, lab, o_ = np.array(rows, np.int64), vals, offsets, labels, out
+        if start == 0 and stop == len(offsets) - 1:  # the whole batch: no slicing (nor a copy)
+            r, v, o, lab, o_ = np.asarray(rows, np.int64), vals, offsets, labels, out
         else:
             a, b = offsets[start], offsets[stop]
             r, v, o = np.array(rows[a:b], np.int64), vals[a:b], offsets[start : stop + 1] - a
