@@ -169,10 +169,10 @@ class DemoSource(Source):
         if self.rate:
             # wait for a batch worth 50 ms of the rate (or a full one), not for every event
             want = min(max_records, max(1, int(self.rate * 0.05)))
-            due = self._base + int((time.monotonic() - self._started) * self.rate) - self._next
+            due = self._due() - self._next
             if due < want:
                 time.sleep(min(timeout, (want - due) / self.rate))
-                due = self._base + int((time.monotonic() - self._started) * self.rate) - self._next
+                due = self._due() - self._next
             n = max(0, min(n, due))
         if self.limit is not None:
             n = min(n, self.limit - self._next)
@@ -193,10 +193,15 @@ class DemoSource(Source):
         """Events the pacing clock has made due but the worker has not taken (0 when unpaced)."""
         if not self.rate:
             return {(self.topic, 0): 0}
-        due = self._base + int((time.monotonic() - self._started) * self.rate)
+        due = self._due()
         if self.limit is not None:
             due = min(due, self.limit)
         return {(self.topic, 0): max(0, due - self._next)}
+
+    def _due(self) -> int:
+        """Events the pacing clock has made due since the stream began (offset counted)."""
+        assert self.rate
+        return self._base + int((time.monotonic() - self._started) * self.rate)
 
 
 class KafkaSource(Source):
