@@ -10,6 +10,7 @@ import os
 import random
 import re
 import signal
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -152,16 +153,60 @@ def worker_args(kafka, topic: str, group: str, root: Path, dlq: str | None = Non
     return args + (["--dead-letter-topic", dlq] if dlq else [])
 
 
-def run_to_the_end(kafka, topic, group, root, log, ends, dlq=None, kills: int = 0, seed: int = 0):
-    """Run the worker until it has consumed ``ends``, killing it with SIGKILL ``kills`` times at
-    random moments on the way; then SIGTERM. Returns the final snapshot."""
+class Trickle:
+    """Feeds a topic slowly from a background thread, so that a worker killed meanwhile is killed
+    in the middle of its work, however fast the machine: the worker is always busy with messages
+    that just arrived, and the rest of the stream is still to come."""
+
+    def __init__(self, bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes]]):
+        self.topic, self.pending = topic, list(messages)
+        self.producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", max_request_size=4_000_000)
+        self.running: threading.Event | None = None
+        self.thread: threading.Thread | None = None
+
+    def start(self, per_step: int = 20, step_seconds: float = 0.02, keep: int = 500) -> None:
+        """Produce ``per_step`` messages every ``step_seconds`` until stopped, holding back the
+        last ``keep`` so that something is always left for after the kills."""
+        self.running = threading.Event()
+        self.running.set()
+
+        def feed(running: threading.Event = self.running) -> None:
+            while running.is_set() and len(self.pending) > keep:
+                self.send(min(per_step, len(self.pending) - keep))
+                time.sleep(step_seconds)
+
+        self.thread = threading.Thread(target=feed, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        if self.thread is not None:
+            self.running.clear()
+            self.thread.join()
+            self.thread = None
+
+    def send(self, n: int | None = None) -> None:
+        n = len(self.pending) if n is None else n
+        for key, value in self.pending[:n]:
+            self.producer.send(self.topic, key=key, value=value)
+        self.producer.flush(60)
+        del self.pending[:n]
+
+    def close(self) -> None:
+        self.stop()
+        self.producer.close()
+
+
+def run_to_the_end(kafka, topic, group, root, log, ends, dlq=None, trickle=None, kills=0, seed=0):
+    """Run the worker until it has consumed ``ends``, then SIGTERM it; returns the final snapshot.
+    With a ``trickle`` of the topic's messages not yet produced, first start the worker ``kills``
+    times, feeding it slowly, and SIGKILL it at a random moment after each new snapshot."""
     rng = random.Random(seed)
-    total = sum(ends.values())
     proc = None
     try:
         for _ in range(kills):
             proc = stream_fm_process(worker_args(kafka, topic, group, root, dlq), log)
             before = sum(latest_offsets(root, topic).values())
+            trickle.start()
             # let it publish at least one new snapshot, then kill it at a random moment
             wait_until(
                 lambda b=before: sum(latest_offsets(root, topic).values()) > b, 120, "a snapshot", proc
@@ -169,7 +214,9 @@ def run_to_the_end(kafka, topic, group, root, log, ends, dlq=None, kills: int = 
             time.sleep(rng.uniform(0.0, 0.6))
             proc.send_signal(signal.SIGKILL)
             proc.wait()
-            assert sum(latest_offsets(root, topic).values()) < total, "killed too late to test anything"
+            trickle.stop()
+        if trickle is not None:
+            trickle.send()
         proc = stream_fm_process(worker_args(kafka, topic, group, root, dlq), log)
         wait_until(lambda: latest_offsets(root, topic) == ends, 300, "the whole topic to be consumed", proc)
         proc.send_signal(signal.SIGTERM)
@@ -195,13 +242,15 @@ def dead_letters(kafka, topic: str) -> dict[int, bytes]:
 def test_kill_9_at_random_points_loses_and_repeats_nothing(kafka, topic_factory, tmp_path):
     topic, dlq = topic_factory(1, "events"), topic_factory(1, "dlq")
     stream = make_stream(6000, seed=1)
-    produce(kafka.bootstrap, topic, stream.messages)
-    ends = end_offsets(kafka.bootstrap, topic)
-    assert ends == {0: len(stream.messages)}
-
-    killed = run_to_the_end(
-        kafka, topic, "killed", tmp_path / "killed", tmp_path / "killed.log", ends, dlq, kills=3
-    )
+    ends = {0: len(stream.messages)}
+    trickle = Trickle(kafka.bootstrap, topic, stream.messages)
+    try:
+        killed = run_to_the_end(
+            kafka, topic, "killed", tmp_path / "killed", tmp_path / "killed.log", ends, dlq, trickle, kills=3
+        )
+    finally:
+        trickle.close()
+    assert end_offsets(kafka.bootstrap, topic) == ends
     calm = run_to_the_end(kafka, topic, "calm", tmp_path / "calm", tmp_path / "calm.log", ends)
 
     stats = killed.extra["stats"]
