@@ -257,8 +257,8 @@ class SparseFM(base.Classifier):
         """One sample as (rows, x values, misses), without ``_encode``'s batch bookkeeping.
 
         The result is remembered: asked again for the same dict, still equal to a copy taken now
-        and with the index unchanged since, it is returned without encoding again. A dict with a
-        list value is not remembered (a shallow copy would not see the list change).
+        and with the index unchanged since, it is returned without encoding again. The copy holds
+        copies of the dict's lists (multi-hot values), so a list changed in place is seen too.
         """
         recent = self._recent
         if recent is not None and recent[0] is x and recent[1] == self._generation and x == recent[2]:
@@ -268,8 +268,11 @@ class SparseFM(base.Classifier):
         misses: list[tuple[int, str]] = []
         has_list = encode_into(x, self._lookup, rows, vals, misses)
         r, v = np.array(rows, np.int64), np.array(vals, np.float64)
-        cacheable = type(x) is dict and not has_list
-        self._recent = (x, self._generation, x.copy(), r, v, misses) if cacheable else None
+        if type(x) is dict:
+            copy = {f: val[:] if type(val) is list else val for f, val in x.items()} if has_list else x.copy()
+            self._recent = (x, self._generation, copy, r, v, misses)
+        else:
+            self._recent = None
         return r, v, misses
 
     @property

@@ -368,6 +368,7 @@ def test_a_bad_sample_in_a_batch_learns_nothing():
         ({"a": "1", "n": 2.0}, lambda x: x.update(a="2")),
         ({"a": "1", "n": 2.0}, lambda x: x.pop("n")),
         ({"a": "1", "g": ["x"]}, lambda x: x["g"].append("y")),  # a change a shallow copy cannot see
+        ({"a": "1", "g": ["x"]}, lambda x: x["g"].__setitem__(0, "y")),
     ],
 )
 def test_learn_one_sees_a_sample_changed_after_it_was_predicted(before, change):
