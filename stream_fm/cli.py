@@ -308,7 +308,7 @@ def _inspect(path: Path, top: int) -> int:
 
 
 def _summary(snap, top: int) -> None:
-    from stream_fm.model import decode_keys
+    from stream_fm.keyindex import decode_keys
 
     m = snap.manifest
     size = sum(f["size"] for f in m["files"].values())

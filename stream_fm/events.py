@@ -108,14 +108,10 @@ def validate_features(features: Any) -> dict[str, Any]:
         if t is list and all(type(item) is str for item in value):
             continue
         try:
-            encode_into({field: value}, _unknown, [], [], [])
+            encode_into({field: value}, None, [], [], [])
         except FeatureError as e:
             raise BadEvent("feature", str(e)) from None
     return features
-
-
-def _unknown(key: str) -> None:
-    return None
 
 
 def _id(doc: dict[str, Any], name: str) -> str:

@@ -39,21 +39,20 @@ Lookup = Callable[[str], "int | None"]
 
 def encode_into(
     x: Mapping[str, Any],
-    lookup: Lookup,
-    rows: list[int],
+    lookup: Lookup | None,
+    rows: list[Any],
     vals: list[float],
     misses: list[tuple[int, str]],
-) -> bool:
+) -> list[list[Any]]:
     """Append sample ``x``'s features to ``rows``/``vals``; unknown keys also go to ``misses``.
 
-    ``lookup(key)`` gives a key's parameter row (``dict.get`` of the model's index, the index's
-    inserting ``[]`` when learning, or the hash in hashing mode); a key it does not know (None)
-    gets row -1 and ``(position, key)`` is added to ``misses``, so that the learner can admit it.
-    Looking keys up while parsing, instead of building a list of keys first, saves a pass over
-    every feature of every sample.
+    ``lookup(key)`` gives a key's parameter row (the hash in hashing mode, a dict's ``get``); a
+    key it does not know (None) gets row -1 and ``(position, key)`` is added to ``misses``, so
+    that the learner can admit it. With ``lookup=None``, ``rows`` receives the keys themselves,
+    for a caller that looks them all up at once (:class:`~stream_fm.keyindex.KeyIndex`).
 
-    Returns True if a value was a list: a mutable value, so a caller that caches the encoding
-    of ``x`` must not trust a shallow copy of it to notice a change.
+    Returns the values of ``x`` that are lists: mutable values, which a caller that caches the
+    encoding of ``x`` must copy too (a shallow copy of ``x`` would not see them change).
 
     Raises :class:`FeatureError` (a ``ValueError``) naming the offending field. On error the lists
     may hold a partial sample: callers that must stay atomic truncate them.
@@ -61,7 +60,7 @@ def encode_into(
     if type(x) is not dict and not isinstance(x, Mapping):
         raise FeatureError("<sample>", f"a sample must be a dict of features, got {type(x).__name__}")
     add_row, add_val = rows.append, vals.append
-    has_list = False
+    lists: list[list[Any]] = []
     for field, value in x.items():
         t = type(value)
         if t is str:
@@ -82,35 +81,43 @@ def encode_into(
                 continue
             key, x_val = _numeric_key(field), _int_to_float(field, value)
         elif t is list or t is tuple:
-            has_list |= t is list
+            if t is list:
+                lists.append(value)
             for item in value:
                 if type(item) is not str:
                     raise FeatureError(field, f"a list must hold only strings, found {type(item).__name__}")
                 key = f"{field}={item}"
-                row = lookup(key)
-                if row is None:
-                    misses.append((len(rows), key))
-                    row = -1
-                add_row(row)
+                if lookup is None:
+                    add_row(key)
+                else:
+                    row = lookup(key)
+                    if row is None:
+                        misses.append((len(rows), key))
+                        row = -1
+                    add_row(row)
                 add_val(1.0)
             continue
         else:
             key, x_val = _parse_other(field, value)
             if key is None:
                 continue
-        row = lookup(key)
-        if row is None:
-            misses.append((len(rows), key))
-            row = -1
-        add_row(row)
+        if lookup is None:
+            add_row(key)
+        else:
+            row = lookup(key)
+            if row is None:
+                misses.append((len(rows), key))
+                row = -1
+            add_row(row)
         add_val(x_val)
-    return has_list
+    return lists
 
 
 def encode_batch(
-    xs: Iterable[Mapping[str, Any]], lookup: Lookup
-) -> tuple[list[int], list[float], list[int], list[tuple[int, str]]]:
-    """Many samples in CSR form: (rows, x values, offsets, misses); see :func:`encode_into`.
+    xs: Iterable[Mapping[str, Any]], lookup: Lookup | None
+) -> tuple[list[Any], list[float], list[int], list[tuple[int, str]]]:
+    """Many samples in CSR form: (rows, x values, offsets, misses); see :func:`encode_into`
+    (with ``lookup=None``, keys instead of rows).
 
     A bad sample raises :class:`FeatureError` with ``index`` set to its position.
     """
@@ -133,11 +140,10 @@ def keys_of(x: Mapping[str, Any]) -> list[tuple[str, float]]:
     >>> keys_of({"ad": "a17", "price": 3.5, "genres": ["Drama", "War"], "mobile": False})
     [('ad=a17', 1.0), ('price', 3.5), ('genres=Drama', 1.0), ('genres=War', 1.0)]
     """
-    rows: list[int] = []
+    keys: list[str] = []
     vals: list[float] = []
-    misses: list[tuple[int, str]] = []
-    encode_into(x, lambda key: None, rows, vals, misses)
-    return [(key, vals[pos]) for pos, key in misses]
+    encode_into(x, None, keys, vals, [])
+    return list(zip(keys, vals, strict=True))
 
 
 def _numeric_key(field: Any) -> str:

@@ -1,8 +1,9 @@
 """SparseFM: an online degree-2 factorization machine for click-through rate, keyed by feature.
 
 Parameters live in growable numpy slabs (``w``, ``V`` and the optimizer's state), one row per
-feature; a dict maps each feature key (``"ad=a17"``) to its row. The Python side encodes samples
-and manages rows; the arithmetic runs in compiled kernels (``_kernels.py``).
+feature; a :class:`~stream_fm.keyindex.KeyIndex` maps each feature key (``"ad=a17"``) to its row.
+The Python side encodes samples and manages rows; the arithmetic runs in compiled kernels
+(``_kernels.py``).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import numpy as np
 from river import base
 
 from stream_fm import _kernels
-from stream_fm.errors import ConfigError, FeatureError, LabelError
+from stream_fm.errors import ConfigError, LabelError
 from stream_fm.features import encode_batch, encode_into
+from stream_fm.keyindex import KeyIndex, decode_keys, encode_keys, gather_keys, pack_keys
 
-__all__ = ["SparseFM", "StateCapture", "bucket_lookup", "decode_keys", "encode_keys"]
+__all__ = ["SparseFM", "StateCapture", "bucket_lookup", "encode_rows", "encode_rows_one"]
 
 _OPTIMIZERS = {"sgd": _kernels.OPT_SGD, "adagrad": _kernels.OPT_ADAGRAD}
 _ADAGRAD_EPS = 1e-8
@@ -28,7 +30,7 @@ _STATE_FORMAT = 1
 _UNTOUCHED = -1
 
 # (rows, x values, CSR offsets, (position, key) of keys the index lacks)
-_Encoded = tuple[list[int], list[float], list[int], list[tuple[int, str]]]
+_Encoded = tuple[np.ndarray | list[int], list[float], list[int], list[tuple[int, str]]]
 
 
 class SparseFM(base.Classifier):
@@ -140,13 +142,11 @@ class SparseFM(base.Classifier):
         self.n_evicted = 0
         self.n_rejected = 0
         self._bias = np.zeros(2)  # [w0, AdaGrad accumulator of w0]
-        self._index = _Index(self._new_row)
-        self._fresh_rows: list[int] = []  # rows given out but not yet initialised (_init_new)
-        self._fresh_keys: list[str] = []
-        self._keys: list[str | None] = []  # row -> key, None for a free row
+        self._index = KeyIndex()
+        # keys given rows but not yet in the index nor initialised (``_init_new`` does both)
+        self._fresh: dict[str, int] = {}
         self._free: list[int] = []
         self._pending: dict[str, int] = {}  # min_count admission: key -> sightings so far
-        self._key_bytes = 0  # approximate memory held by key strings
         # The per-sample path: the encoding of the last sample predicted, reused by learn_one
         # when the caller then learns that same, unchanged dict (progressive validation, the
         # worker's pattern), while the index is unchanged (``_generation`` counts its changes).
@@ -175,7 +175,7 @@ class SparseFM(base.Classifier):
     @property
     def n_features(self) -> int:
         if self.hash_bits is None:
-            return len(self._index)
+            return len(self._index) + len(self._fresh)
         return int(self._counts[1])
 
     @property
@@ -192,10 +192,7 @@ class SparseFM(base.Classifier):
     def memory_bytes(self) -> int:
         """Bytes held by the parameter slabs, the key index and the admission table (estimate)."""
         arrays = sum(a.nbytes for a in (self._w, self._V, self._gw, self._gV, self._last))
-        index = sys.getsizeof(self._index) + sys.getsizeof(self._keys) + sys.getsizeof(self._free)
-        pending = sys.getsizeof(self._pending)
-        # each stored int row beyond the small-int cache is an object of its own
-        return arrays + index + pending + self._key_bytes + 32 * len(self._index)
+        return arrays + self._index.nbytes + sys.getsizeof(self._free) + sys.getsizeof(self._pending)
 
     def initial_latent(self, key: str) -> np.ndarray:
         """The latent vector feature ``key`` starts from: a function of (seed, key) alone."""
@@ -235,23 +232,22 @@ class SparseFM(base.Classifier):
         The same sequential semantics and the same numbers, bit for bit, as a loop of
         ``predict_proba_one`` + ``learn_one``. A bad sample raises before anything is learned.
         """
-        encoded = self._encode(xs, learning=True)
-        return self._learn_encoded(encoded, _labels(ys, len(encoded[2]) - 1))
+        keys, vals, offsets, misses = encode_batch(xs, self._bucket)  # rows, in hashing mode
+        labels = _labels(ys, len(offsets) - 1)  # checked before the index changes
+        if self._bucket is not None:
+            encoded: _Encoded = (keys, vals, offsets, misses)
+        elif self.max_features is None and self.min_count <= 1 and not self._free:
+            encoded = (self._add_keys(keys), vals, offsets, [])
+        else:
+            rows, misses = _resolve(self._index, keys)
+            encoded = (rows, vals, offsets, misses)
+        return self._learn_encoded(encoded, labels)
 
     # ------------------------------------------------------------------ encoding
 
-    def _encode(self, xs: Iterable[Mapping[str, Any]], learning: bool = False) -> _Encoded:
-        """Encode a batch. ``learning`` in unbounded mode gives unknown keys their rows at once
-        (the index's ``[]``), in order of first appearance as a sample loop would: a cold batch
-        repeats its new keys many times, and each repeat is then a plain dict hit."""
-        lookup = self._lookup
-        if learning and lookup == self._index.get and self.max_features is None and self.min_count <= 1:
-            lookup = self._index.__getitem__
-        try:
-            return encode_batch(xs, lookup)
-        except FeatureError:
-            self._forget_fresh()  # a bad sample: the batch learns nothing, keeps no new key
-            raise
+    def _encode(self, xs: Iterable[Mapping[str, Any]]) -> _Encoded:
+        """Encode a batch for prediction (read-only: absent keys get row -1)."""
+        return encode_rows(xs, self._index, self._bucket)
 
     def _encode_one(self, x: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
         """One sample as (rows, x values, misses), without ``_encode``'s batch bookkeeping.
@@ -261,23 +257,20 @@ class SparseFM(base.Classifier):
         copies of the dict's lists (multi-hot values), so a list changed in place is seen too.
         """
         recent = self._recent
-        if recent is not None and recent[0] is x and recent[1] == self._generation and x == recent[2]:
+        if (
+            recent is not None
+            and recent[0] is x
+            and recent[1] == self._generation
+            and x == recent[2]  # the same values (a list value: the same list object) ...
+            and recent[6] == recent[7]  # ... and each list value still as it was
+        ):
             return recent[3], recent[4], recent[5]
-        rows: list[int] = []
-        vals: list[float] = []
-        misses: list[tuple[int, str]] = []
-        has_list = encode_into(x, self._lookup, rows, vals, misses)
-        r, v = np.array(rows, np.int64), np.array(vals, np.float64)
+        r, v, misses, lists = encode_rows_one(x, self._index, self._bucket)
         if type(x) is dict:
-            copy = {f: val[:] if type(val) is list else val for f, val in x.items()} if has_list else x.copy()
-            self._recent = (x, self._generation, copy, r, v, misses)
+            self._recent = (x, self._generation, x.copy(), r, v, misses, lists, [a[:] for a in lists])
         else:
             self._recent = None
         return r, v, misses
-
-    @property
-    def _lookup(self) -> Callable[[str], int | None]:
-        return self._index.get if self._bucket is None else self._bucket
 
     # ------------------------------------------------------------------ prediction
 
@@ -300,7 +293,6 @@ class SparseFM(base.Classifier):
 
     def _learn_encoded(self, encoded: _Encoded, labels: np.ndarray) -> np.ndarray:
         rows, vals, offsets, misses = encoded
-        self._init_new()  # rows the encoding gave out
         n = len(offsets) - 1
         out = np.empty(n)
         vals_a = np.array(vals, np.float64)
@@ -342,16 +334,19 @@ class SparseFM(base.Classifier):
 
     def _insert_missing(
         self,
-        rows: list[int],
+        rows: np.ndarray,
         offsets: list[int],
         misses: list[tuple[int, str]],
         train_until: Callable[[int], None],
     ) -> None:
-        """Give rows to the keys the index lacks, in sample order (admission, eviction)."""
+        """Give rows to the keys the index lacks, in sample order (admission, eviction).
+
+        A missing key was absent when the batch was encoded, so if it has a row now, that row
+        was given out by this call: ``added`` (key -> row) is the only place to look."""
         if self.max_features is None and self.min_count <= 1:
             # unbounded: every key is admitted and nothing is evicted, so no flush is needed; a
             # cold batch repeats its new keys many times over, hence this lean loop
-            get = self._index.get
+            get = self._fresh.get
             for j, key in misses:
                 row = get(key, -1)
                 if row < 0:
@@ -359,6 +354,7 @@ class SparseFM(base.Classifier):
                 rows[j] = row
             self._init_new()
             return
+        added: dict[str, int] = {}
         s = 0
         mi = 0
         while mi < len(misses):
@@ -366,29 +362,33 @@ class SparseFM(base.Classifier):
             mi += 1
             while offsets[s + 1] <= j:
                 s += 1
-            row = self._index.get(key, -1)
+            row = added.get(key, -1)
             if row < 0 and self._admit(key):
-                if self.max_features is not None and len(self._index) >= self.max_features:
+                if self.max_features is not None and self.n_features >= self.max_features:
                     # eviction reuses rows: train what came before this sample first, then look
                     # up again every later reference to an evicted row
                     self._init_new()
                     train_until(s)
                     # protect every row this sample uses, including keys it has yet to look up
                     end = offsets[s + 1]
-                    protect = set(rows[offsets[s] : end])
+                    protect = set(rows[offsets[s] : end].tolist())
                     for q, other in itertools.islice(misses, mi, None):
                         if q >= end:
                             break
-                        protect.add(self._index.get(other, -1))
+                        protect.add(added.get(other, -1))
                     evicted = self._evict(protect=protect - {-1})
-                    later = [(q, evicted[rows[q]]) for q in range(j + 1, len(rows)) if rows[q] in evicted]
-                    if later:
-                        for q, _ in later:
-                            rows[q] = -1
+                    for gone in evicted.values():
+                        added.pop(gone, None)
+                    tail = rows[j + 1 :]
+                    hit = np.flatnonzero(np.isin(tail, np.fromiter(evicted, np.int64, len(evicted))))
+                    if hit.shape[0]:
+                        later = [(j + 1 + q, evicted[int(tail[q])]) for q in hit.tolist()]
+                        tail[hit] = -1
                         misses = sorted(misses[mi:] + later)
                         mi = 0
-                if self.max_features is None or len(self._index) < self.max_features:
+                if self.max_features is None or self.n_features < self.max_features:
                     row = self._new_row(key)
+                    added[key] = row
                 else:
                     self.n_rejected += 1  # this one sample holds every row the model may have
             rows[j] = row
@@ -407,8 +407,27 @@ class SparseFM(base.Classifier):
                 del self._pending[old]
         return False
 
+    def _add_keys(self, keys: list[str]) -> np.ndarray:
+        """The rows of ``keys`` when every key is admitted and none evicted (unbounded, no free
+        row): the absent ones get new rows in order of first appearance, as ``_new_row`` gives
+        them, in one compiled pass (a cold batch repeats each new key many times)."""
+        data, lengths = pack_keys(keys)
+        rows = np.empty(len(keys), np.int64)
+        first = next_row = self._n_rows
+        done = 0
+        while True:
+            done, next_row = self._index.add_more(data, lengths, rows, done, next_row, self._w.shape[0])
+            if done == len(keys):
+                break
+            self._alloc(2 * self._w.shape[0])
+        if next_row > first:
+            self._n_rows = next_row
+            self._generation += 1
+            self._reset(np.arange(first, next_row, dtype=np.int64))
+        return rows
+
     def _new_row(self, key: str) -> int:
-        """Give ``key`` a row; its parameters are (re)set by ``_init_new`` before any training."""
+        """Give ``key`` a row; ``_init_new`` enters it in the index and sets its parameters."""
         self._generation += 1
         if self._free:
             row = self._free.pop()
@@ -417,38 +436,25 @@ class SparseFM(base.Classifier):
             if row == self._w.shape[0]:
                 self._alloc(2 * row)
             self._n_rows += 1
-        self._index[key] = row
-        self._keys[row] = key
-        self._key_bytes += sys.getsizeof(key)
-        self._fresh_rows.append(row)
-        self._fresh_keys.append(key)
+        self._fresh[key] = row
         return row
 
-    def _forget_fresh(self) -> None:
-        """Take back the rows given out since the last ``_init_new`` (an encoding that failed)."""
-        for row, key in zip(self._fresh_rows, self._fresh_keys, strict=True):
-            self._drop_row(row, key)
-        self._fresh_rows.clear()
-        self._fresh_keys.clear()
-
-    def _drop_row(self, row: int, key: str) -> None:
-        self._generation += 1
-        del self._index[key]
-        self._keys[row] = None
-        self._key_bytes -= sys.getsizeof(key)
-        self._free.append(row)
-
     def _init_new(self) -> None:
-        """Start the fresh rows from scratch: w = 0, optimizer state 0, untouched, V from (seed, key)."""
-        rows, keys = self._fresh_rows, self._fresh_keys
-        if rows:
-            data, offsets = encode_keys(keys)
-            _kernels.reset_rows(
-                np.array(rows, np.int64), data, offsets, self._seed64, self.init_std,
-                self._w, self._V, self._gw, self._gV, self._last,
-            )  # fmt: skip
-            rows.clear()
-            keys.clear()
+        """Index the fresh keys and start their rows from scratch: w = 0, optimizer state 0,
+        untouched, V from (seed, key)."""
+        fresh = self._fresh
+        if fresh:
+            rows = np.fromiter(fresh.values(), np.int64, len(fresh))
+            self._index.insert(list(fresh), rows)
+            self._reset(rows)
+            fresh.clear()
+
+    def _reset(self, rows: np.ndarray) -> None:
+        """w = 0, optimizer state 0, untouched, V from (seed, key) for ``rows`` (keys indexed)."""
+        data, offsets = self._index.key_bytes(rows)
+        _kernels.reset_rows(
+            rows, data, offsets, self._seed64, self.init_std, self._w, self._V, self._gw, self._gV, self._last
+        )
 
     def _evict(self, protect: set[int]) -> dict[int, str]:
         """Free the least recently updated 1/64 of the rows, never those in ``protect``.
@@ -462,12 +468,10 @@ class SparseFM(base.Classifier):
         stamps[list(protect)] = top
         n_evict = min(max(1, self.max_features // 64), self._n_rows)
         chosen = np.argpartition(stamps, n_evict - 1)[:n_evict]
-        evicted: dict[int, str] = {}
-        for r in sorted(int(r) for r in chosen if stamps[r] != top):
-            key = self._keys[r]
-            assert key is not None
-            evicted[r] = key
-            self._drop_row(r, key)
+        rows = sorted(int(r) for r in chosen if stamps[r] != top)
+        evicted = dict(zip(rows, self._index.remove(rows), strict=True))
+        self._free.extend(rows)
+        self._generation += 1
         self.n_evicted += len(evicted)
         return evicted
 
@@ -489,7 +493,6 @@ class SparseFM(base.Classifier):
         self._gw = grow(getattr(self, "_gw", None), (capacity if adagrad else 0,), 0.0)
         self._gV = grow(getattr(self, "_gV", None), (capacity if adagrad else 0, k), 0.0)
         self._last = grow(getattr(self, "_last", None), (capacity,), _UNTOUCHED)
-        self._keys.extend([None] * (capacity - n_old))
 
     # ------------------------------------------------------------------ state export / import
 
@@ -532,7 +535,7 @@ class SparseFM(base.Classifier):
             "n_skipped": self.n_skipped,
             "n_trained_rows": int(self._counts[1]),
         }
-        keys = self._keys[:n] if self.hash_bits is None else None
+        keys = self._index.capture(n) if self.hash_bits is None else None
         return StateCapture(arrays, meta, keys, list(self._pending.items()))
 
     def reserve_buffers(self, buffers: dict[str, np.ndarray]) -> int:
@@ -590,13 +593,7 @@ class SparseFM(base.Classifier):
             model._gV[:n] = arrays["gV"]
         model._free = [int(r) for r in arrays["free"]]
         if model.hash_bits is None:
-            keys = decode_keys(arrays["key_bytes"], arrays["key_offsets"])
-            free = set(model._free)
-            for row, key in enumerate(keys):
-                if row not in free:
-                    model._index[key] = row
-                    model._keys[row] = key
-                    model._key_bytes += sys.getsizeof(key)
+            model._index = KeyIndex.from_keys(arrays["key_bytes"], arrays["key_offsets"], model._free)
         if "pending_counts" in arrays:
             pending = decode_keys(arrays["pending_key_bytes"], arrays["pending_key_offsets"])
             model._pending = dict(zip(pending, arrays["pending_counts"].tolist(), strict=True))
@@ -635,7 +632,7 @@ class StateCapture:
         self,
         arrays: dict[str, np.ndarray],
         meta: dict[str, Any],
-        keys: list[str | None] | None,
+        keys: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
         pending: list[tuple[str, int]],
     ) -> None:
         self.arrays, self.meta, self._keys, self._pending = arrays, meta, keys, pending
@@ -644,7 +641,7 @@ class StateCapture:
         """(arrays, meta) as :meth:`SparseFM.export_state` returns them: keys encoded to bytes."""
         arrays = dict(self.arrays)
         if self._keys is not None:
-            arrays["key_bytes"], arrays["key_offsets"] = encode_keys(k or "" for k in self._keys)
+            arrays["key_bytes"], arrays["key_offsets"] = gather_keys(*self._keys)
         if self._pending:
             arrays["pending_key_bytes"], arrays["pending_key_offsets"] = encode_keys(
                 k for k, _ in self._pending
@@ -653,18 +650,37 @@ class StateCapture:
         return arrays, dict(self.meta)
 
 
-class _Index(dict):
-    """Feature key -> row. ``get`` never inserts (prediction); ``[]`` on a missing key calls
-    ``new_row(key)``, which inserts it (learning in unbounded mode)."""
+def encode_rows(
+    xs: Iterable[Mapping[str, Any]], index: KeyIndex, bucket: Callable[[str], int] | None
+) -> _Encoded:
+    """Feature dicts -> (rows, x values, CSR offsets, misses): the keys are parsed in Python and
+    then looked up in ``index`` all at once (or hashed one by one by ``bucket``, if given)."""
+    if bucket is not None:
+        return encode_batch(xs, bucket)
+    keys, vals, offsets, _ = encode_batch(xs, None)
+    rows, misses = _resolve(index, keys)
+    return rows, vals, offsets, misses
 
-    __slots__ = ("_new_row",)
 
-    def __init__(self, new_row: Callable[[str], int]) -> None:
-        super().__init__()
-        self._new_row = new_row
+def encode_rows_one(
+    x: Mapping[str, Any], index: KeyIndex, bucket: Callable[[str], int] | None
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]], list[list[Any]]]:
+    """One sample as :func:`encode_rows` makes it, in arrays, and its list values."""
+    rows: list[Any] = []  # keys, or rows with a bucket
+    vals: list[float] = []
+    misses: list[tuple[int, str]] = []
+    lists = encode_into(x, bucket, rows, vals, misses)
+    if bucket is None:
+        r, misses = _resolve(index, rows)
+    else:
+        r = np.array(rows, np.int64)
+    return r, np.array(vals, np.float64), misses, lists
 
-    def __missing__(self, key: str) -> int:
-        return self._new_row(key)
+
+def _resolve(index: KeyIndex, keys: list[str]) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Rows of ``keys`` (-1: absent), and the (position, key) of the absent ones."""
+    rows, absent = index.lookup(keys)
+    return rows, [(j, keys[j]) for j in np.flatnonzero(rows < 0).tolist()] if absent else []
 
 
 def bucket_lookup(seed: int, hash_bits: int) -> Callable[[str], int]:
@@ -689,20 +705,6 @@ def _copy_rows(a: np.ndarray, n: int, buffers: dict[str, np.ndarray] | None, nam
     out = buf[:n]
     np.copyto(out, a[:n])
     return out
-
-
-def encode_keys(keys: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Strings -> (uint8 UTF-8 bytes back to back, int64 offsets of length n + 1)."""
-    blobs = [k.encode("utf-8", "surrogatepass") for k in keys]
-    offsets = np.fromiter(itertools.accumulate(map(len, blobs), initial=0), np.int64, len(blobs) + 1)
-    return np.frombuffer(b"".join(blobs), np.uint8), offsets
-
-
-def decode_keys(data: np.ndarray, offsets: np.ndarray) -> list[str]:
-    """Inverse of :func:`encode_keys`."""
-    raw = np.asarray(data, np.uint8).tobytes()
-    o = [int(v) for v in offsets]
-    return [raw[o[i] : o[i + 1]].decode("utf-8", "surrogatepass") for i in range(len(o) - 1)]
 
 
 def _label(y: Any) -> float:

@@ -26,8 +26,8 @@ import numpy as np
 
 from stream_fm import _kernels, snapshot
 from stream_fm.errors import SnapshotError
-from stream_fm.features import encode_batch, encode_into
-from stream_fm.model import bucket_lookup, decode_keys
+from stream_fm.keyindex import KeyIndex
+from stream_fm.model import bucket_lookup, encode_rows, encode_rows_one
 
 __all__ = ["Predictor", "Watcher", "load"]
 
@@ -65,13 +65,15 @@ class Predictor:
             self._bias = np.array(a["bias"], np.float64)
             # np.asarray: a plain ndarray view of the memory map, which the kernels accept
             self._w, self._V, self._last = (np.asarray(a[k]) for k in ("w", "V", "last"))
-            self._lookup: Callable[[str], int | None]
+            self._bucket: Callable[[str], int] | None = None
             if config["hash_bits"] is None:
-                keys = decode_keys(a["key_bytes"], a["key_offsets"])
-                free = set(np.asarray(a["free"]).tolist())
-                self._lookup = {key: row for row, key in enumerate(keys) if row not in free}.get
+                free = np.asarray(a["free"]).tolist()
+                self._index = KeyIndex.from_keys(
+                    np.asarray(a["key_bytes"]), np.asarray(a["key_offsets"]), free
+                )
             else:
-                self._lookup = bucket_lookup(config["seed"], config["hash_bits"])
+                self._index = KeyIndex(rows=1)
+                self._bucket = bucket_lookup(config["seed"], config["hash_bits"])
         except (KeyError, TypeError, ValueError) as e:
             raise SnapshotError(snap.path, f"model state is incomplete or inconsistent: {e!r}") from e
 
@@ -81,16 +83,12 @@ class Predictor:
 
     def predict(self, x: Mapping[str, Any]) -> float:
         """The click probability of one feature dict (a ``ValueError`` names a bad field)."""
-        rows: list[int] = []
-        vals: list[float] = []
-        encode_into(x, self._lookup, rows, vals, [])
-        return _kernels.predict_one(
-            np.array(rows, np.int64), np.array(vals, np.float64), self._bias, self._w, self._V, self._last
-        )
+        rows, vals, _, _ = encode_rows_one(x, self._index, self._bucket)
+        return _kernels.predict_one(rows, vals, self._bias, self._w, self._V, self._last)
 
     def predict_batch(self, xs: Iterable[Mapping[str, Any]]) -> np.ndarray:
         """Click probabilities for many feature dicts."""
-        rows, vals, offsets, _ = encode_batch(xs, self._lookup)
+        rows, vals, offsets, _ = encode_rows(xs, self._index, self._bucket)
         out = np.empty(len(offsets) - 1)
         _kernels.predict(
             np.array(rows, np.int64), np.array(vals, np.float64), np.array(offsets, np.int64),

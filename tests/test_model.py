@@ -18,7 +18,8 @@ from stream_fm import ConfigError, FeatureError, LabelError, SparseFM
 
 def naive_raw(model: SparseFM, x: dict[str, float]) -> float:
     """Eq. 4 of the reference, O(k n^2), straight from the model's parameter rows."""
-    items = [(model._index[k], v) for k, v in x.items() if k in model._index]
+    index = model._index.as_dict()
+    items = [(index[k], v) for k, v in x.items() if k in index]
     y = model.w0 + sum(model._w[r] * v for r, v in items)
     for (r1, v1), (r2, v2) in itertools.combinations(items, 2):
         y += float(np.dot(model._V[r1], model._V[r2])) * v1 * v2
@@ -84,7 +85,7 @@ def test_sgd_step_follows_the_finite_difference_gradient():
 
     params = [("_bias", (0,))]
     for key in x:
-        r = before._index[key]
+        r = before._index.get(key)
         params += [("_w", (r,))] + [("_V", (r, f)) for f in range(4)]
     for name, index in params:
         step = getattr(after, name)[index] - getattr(before, name)[index]
@@ -121,7 +122,7 @@ def test_follows_river_fm_updates_with_sgd():
         river_fm.learn_one(x, y)
         if i % 20 == 0 or i == len(stream) - 1:
             assert ours.w0 == pytest.approx(river_fm.intercept, abs=1e-9)
-            for k, r in ours._index.items():
+            for k, r in ours._index.as_dict().items():
                 worst = max(worst, abs(ours._w[r] - river_fm.weights[k]))
                 worst = max(worst, float(np.max(np.abs(ours._V[r] - river_fm.latents[k]))))
     assert worst < 1e-9
@@ -229,7 +230,7 @@ def test_initialisation_does_not_depend_on_arrival_order():
     b.learn_one({"y": "2", "x": "1"}, True)
     np.testing.assert_array_equal(a.initial_latent("y=2"), b.initial_latent("y=2"))
     # the first step from the same initial vector, under the same gradient sign
-    assert a._V[a._index["x=1"]].shape == (8,)
+    assert a._V[a._index.get("x=1")].shape == (8,)
     np.testing.assert_array_equal(SparseFM(seed=3).initial_latent("x=1"), a.initial_latent("x=1"))
 
 
@@ -261,7 +262,7 @@ def test_state_is_plain_arrays_and_json():
     arrays, meta = model.export_state()
     json.dumps(meta)
     assert all(isinstance(a, np.ndarray) and a.dtype != object for a in arrays.values())
-    assert "k=é=\n\"'" in SparseFM.from_state(arrays, meta)._index
+    assert "k=é=\n\"'" in SparseFM.from_state(arrays, meta)._index.as_dict()
 
 
 def test_river_tools_accept_it():

@@ -107,7 +107,7 @@ def test_any_key_string_round_trips(tmp_path):
     for i, value in enumerate(keys):
         model.learn_one({f"f{i}": value, "we=ird\n": value}, i % 2 == 0)
     restored, _ = snapshot.restore(snapshot.write(tmp_path, model))
-    assert restored._index == model._index
+    assert restored._index.as_dict() == model._index.as_dict()
     for value in keys:
         x = {"f0": value, "we=ird\n": value}
         assert serving.load(tmp_path).predict(x) == model.predict_proba_one(x)[True]

@@ -1,0 +1,410 @@
+"""The feature-key index: key (a string) -> parameter row, in flat numpy arrays.
+
+A Python ``dict[str, int]`` costs about 140 bytes a feature (the key's ``str`` object, the row's
+``int`` object, the dict's slots): as much as the parameters of a k = 8 model. This index keeps
+each key once, as UTF-8 bytes in an arena, and finds it through an open-addressing table of row
+numbers (linear probing, load factor at most 1/2), all in compiled code; about 40 bytes a
+feature at 10 bytes a key. Lookups compare the key's bytes, so they are exact: two keys never
+share a row, whatever their hashes.
+
+Keys reach the index as a batch: UTF-8 bytes back to back plus offsets (:func:`encode_keys`),
+the form the snapshot stores them in too, so a snapshot's keys load without a Python string each.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterable, Sequence
+
+import numba as nb
+import numpy as np
+
+from stream_fm._kernels import _splitmix64
+
+__all__ = ["KeyIndex", "decode_keys", "encode_keys"]
+
+_EMPTY = -1
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+
+
+def encode_keys(keys: Sequence[str] | Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Strings -> (uint8 UTF-8 bytes back to back, int64 offsets of length n + 1).
+
+    Any string round-trips through :func:`decode_keys`, lone surrogates included.
+    """
+    keys = keys if isinstance(keys, list) else list(keys)
+    joined = "".join(keys)
+    if joined.isascii():  # the common case: one encode, and lengths in characters are in bytes
+        lengths: Iterable[int] = map(len, keys)
+        data = joined.encode("ascii")
+    else:
+        blobs = [k.encode("utf-8", "surrogatepass") for k in keys]
+        lengths, data = map(len, blobs), b"".join(blobs)
+    offsets = np.fromiter(itertools.accumulate(lengths, initial=0), np.int64, len(keys) + 1)
+    return np.frombuffer(data, np.uint8), offsets
+
+
+def decode_keys(data: np.ndarray, offsets: np.ndarray) -> list[str]:
+    """Inverse of :func:`encode_keys`."""
+    raw = np.asarray(data, np.uint8).tobytes()
+    o = np.asarray(offsets, np.int64).tolist()
+    return [raw[o[i] : o[i + 1]].decode("utf-8", "surrogatepass") for i in range(len(o) - 1)]
+
+
+class KeyIndex:
+    """Feature key -> row, for rows given out by the caller (the model).
+
+    ``lookup`` is read-only and safe to call at any time; ``add``, ``insert`` and ``remove``
+    change the index. Row ``r`` holds its key at ``arena[start[r] : start[r] + length[r]]``; a
+    row without a key has length -1.
+    """
+
+    def __init__(self, rows: int = 1024, salt: int | None = None) -> None:
+        # a random salt per index: a stream cannot be crafted to pile its keys into one probe
+        # chain; the layout of the table never shows in any result
+        self._salt = np.uint64(int.from_bytes(os.urandom(8), "little") if salt is None else salt)
+        self._table = np.full(16, _EMPTY, np.int32)
+        self._start = np.zeros(rows, np.int64)
+        self._length = np.full(rows, -1, np.int32)
+        self._tag = np.zeros(rows, np.uint32)  # high bits of the key's hash: most probes stop here
+        self._arena = np.zeros(1 << 16, np.uint8)
+        self._sizes = np.zeros(3, np.int64)  # [keys, arena bytes used, arena bytes of removed keys]
+
+    def __len__(self) -> int:
+        return int(self._sizes[0])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self._table, self._start, self._length, self._tag, self._arena))
+
+    # ------------------------------------------------------------------ reading
+
+    def lookup(self, keys: list[str]) -> tuple[np.ndarray, int]:
+        """The rows of ``keys`` (int64; -1 where absent), and how many are absent."""
+        data, lengths = pack_keys(keys)
+        out = np.empty(len(keys), np.int64)
+        absent = _lookup(
+            data, lengths, self._salt, self._table, self._start, self._length, self._tag, self._arena, out
+        )
+        return out, absent
+
+    def get(self, key: str) -> int | None:
+        row = int(self.lookup([key])[0][0])
+        return None if row < 0 else row
+
+    def key_of(self, row: int) -> str | None:
+        n = int(self._length[row])
+        if n < 0:
+            return None
+        a = int(self._start[row])
+        return self._arena[a : a + n].tobytes().decode("utf-8", "surrogatepass")
+
+    def as_dict(self) -> dict[str, int]:
+        """Every key with its row (a plain dict: for tests and inspection, not the hot path)."""
+        rows = np.flatnonzero(self._length >= 0)
+        return dict(zip(decode_keys(*self.key_bytes(rows)), rows.tolist(), strict=True))
+
+    def key_bytes(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The keys of ``rows`` in :func:`encode_keys` form ('' for a keyless row)."""
+        return _gather(self._start[rows], self._length[rows], self._arena, rows.shape[0])
+
+    def capture(self, n_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Copies of what :func:`gather_keys` needs to export rows ``0 .. n_rows-1`` later, on
+        another thread."""
+        used = int(self._sizes[1])
+        return self._start[:n_rows].copy(), self._length[:n_rows].copy(), self._arena[:used].copy()
+
+    # ------------------------------------------------------------------ writing
+
+    def add(self, keys: list[str], next_row: int, row_limit: int) -> tuple[np.ndarray, int, int]:
+        """Look ``keys`` up, giving each absent one the next row (``next_row``, ``next_row + 1``,
+        ... in order of first appearance; its repeats then find it), while rows stay below
+        ``row_limit``. Returns (rows, how many keys were done, the next row): a caller that gets
+        back fewer than all keys makes room for more rows and calls :meth:`add_more`."""
+        data, lengths = pack_keys(keys)
+        rows = np.empty(len(keys), np.int64)
+        done, next_row = self.add_more(data, lengths, rows, 0, next_row, row_limit)
+        return rows, done, next_row
+
+    def add_more(
+        self,
+        data: bytes,
+        lengths: bytes | np.ndarray,
+        rows: np.ndarray,
+        done: int,
+        next_row: int,
+        row_limit: int,
+    ) -> tuple[int, int]:
+        """:meth:`add` for the keys from position ``done`` on, of keys packed by :func:`pack_keys`."""
+        room = min(len(lengths) - done, row_limit - next_row)  # rows this call may give out
+        self._reserve_rows(next_row + room)
+        self._reserve_bytes(len(data))
+        self._reserve_slots(len(self) + room)
+        return _add(
+            data, lengths, done, next_row, next_row + room, self._salt, self._table, self._start,
+            self._length, self._tag, self._arena, self._sizes, rows,
+        )  # fmt: skip
+
+    def insert(self, keys: list[str], rows: np.ndarray) -> None:
+        """Give key ``i`` row ``rows[i]``. The keys must be absent and distinct, the rows keyless."""
+        bad = self._insert(*pack_keys(keys), rows)
+        if bad >= 0:
+            raise KeyError(f"key {keys[bad]!r} is already in the index")
+
+    def _insert(self, data: bytes | np.ndarray, lengths: bytes | np.ndarray, rows: np.ndarray) -> int:
+        n = len(lengths)
+        self._reserve_rows(int(rows.max()) + 1 if n else 0)
+        self._reserve_bytes(len(data))
+        self._reserve_slots(len(self) + n)
+        return _insert(
+            data, lengths, rows, self._salt, self._table, self._start, self._length, self._tag, self._arena,
+            self._sizes,
+        )  # fmt: skip
+
+    def remove(self, rows: Sequence[int] | np.ndarray) -> list[str]:
+        """Remove the keys of ``rows``; returns them."""
+        keys = [self.key_of(int(r)) for r in rows]
+        _remove(np.asarray(rows, np.int64), self._salt, self._table, self._start, self._length, self._tag,
+                self._arena, self._sizes)  # fmt: skip
+        used, dead = int(self._sizes[1]), int(self._sizes[2])
+        if dead > (1 << 20) and 2 * dead > used:  # mostly removed keys: compact the arena
+            self._new_arena(used - dead)
+        return keys  # type: ignore[return-value]
+
+    @classmethod
+    def from_keys(cls, data: np.ndarray, offsets: np.ndarray, keyless: Iterable[int] = ()) -> KeyIndex:
+        """An index giving key ``i`` row ``i`` (as :func:`gather_keys` wrote them), but for ``keyless``."""
+        offsets = np.asarray(offsets, np.int64)
+        n = offsets.shape[0] - 1
+        index = cls(max(n, 1024))
+        keep = np.ones(n, bool)
+        keep[np.fromiter(keyless, np.int64)] = False
+        rows = np.flatnonzero(keep)
+        lengths = np.diff(offsets)[rows]
+        kept, _ = _gather(
+            offsets[:-1][rows], lengths.astype(np.int32), np.asarray(data, np.uint8), rows.shape[0]
+        )
+        if index._insert(kept, lengths, rows) >= 0:
+            raise ValueError("the same key is stored twice")
+        return index
+
+    # ------------------------------------------------------------------ growth
+
+    def _reserve_rows(self, n: int) -> None:
+        if n > self._start.shape[0]:
+            size = max(n, 2 * self._start.shape[0])
+            self._start = _grown(self._start, size, 0)
+            self._length = _grown(self._length, size, -1)
+            self._tag = _grown(self._tag, size, 0)
+
+    def _reserve_bytes(self, n: int) -> None:
+        if int(self._sizes[1]) + n > self._arena.shape[0]:
+            self._new_arena(int(self._sizes[1]) - int(self._sizes[2]) + n)
+
+    def _new_arena(self, need: int) -> None:
+        """A new arena of at least ``need`` bytes holding only the live keys, in row order."""
+        arena = np.zeros(max(1 << 16, 2 * need), np.uint8)
+        self._sizes[1] = _compact(self._start, self._length, self._arena, arena)
+        self._sizes[2] = 0
+        self._arena = arena
+
+    def _reserve_slots(self, keys: int) -> None:
+        """Keep the table at most half full for ``keys`` keys."""
+        if 2 * keys > self._table.shape[0]:
+            size = self._table.shape[0]
+            while size < 2 * keys:
+                size *= 2
+            self._table = np.full(size, _EMPTY, np.int32)
+            _rebuild(self._salt, self._table, self._start, self._length, self._arena)
+
+
+def pack_keys(keys: list[str]) -> tuple[bytes, bytes | np.ndarray]:
+    """Keys as their UTF-8 bytes joined, and their lengths: the cheapest form CPython can hand to
+    compiled code (this runs for every sample). Lengths are ``bytes`` when no key is over 255
+    bytes long, else an int64 array."""
+    joined = "".join(keys)
+    if joined.isascii():  # lengths in characters are lengths in bytes
+        data = joined.encode("ascii")
+        sizes = list(map(len, keys))
+    else:
+        blobs = [k.encode("utf-8", "surrogatepass") for k in keys]
+        data, sizes = b"".join(blobs), list(map(len, blobs))
+    try:
+        return data, bytes(sizes)
+    except ValueError:  # a key of 256 bytes or more
+        return data, np.array(sizes, np.int64)
+
+
+def _grown(a: np.ndarray, size: int, fill: int) -> np.ndarray:
+    out = np.full(size, fill, a.dtype)
+    out[: a.shape[0]] = a
+    return out
+
+
+def gather_keys(start: np.ndarray, length: np.ndarray, arena: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The keys of a :meth:`KeyIndex.capture` in :func:`encode_keys` form ('' for a keyless row)."""
+    return _gather(start, length, arena, start.shape[0])
+
+
+# ---------------------------------------------------------------------- compiled
+
+
+@nb.njit(cache=True, error_model="numpy", inline="always")
+def _hash(data, a, b, salt):
+    h = _FNV_OFFSET ^ salt
+    for i in range(a, b):
+        h = (h ^ np.uint64(data[i])) * _FNV_PRIME
+    _, h = _splitmix64(h)
+    return h
+
+
+@nb.njit(cache=True, error_model="numpy", inline="always")
+def _find(data, a, b, h, table, start, length, tag, arena):
+    """(row or -1, slot where the probe stopped) for the key ``data[a:b]`` of hash ``h``."""
+    mask = table.shape[0] - 1
+    j = np.int64(h & np.uint64(mask))
+    t = np.uint32(h >> np.uint64(32))
+    n = b - a
+    while True:
+        r = table[j]
+        if r == _EMPTY:
+            return -1, j
+        if tag[r] == t and length[r] == n:
+            s = start[r]
+            same = True
+            for q in range(n):
+                if arena[s + q] != data[a + q]:
+                    same = False
+                    break
+            if same:
+                return r, j
+        j = (j + 1) & mask
+
+
+@nb.njit(cache=True, error_model="numpy", inline="always")
+def _put(data, a, b, h, r, j, table, start, length, tag, arena, sizes):
+    """Enter key ``data[a:b]`` (hash ``h``) as row ``r`` in the empty slot ``j``."""
+    used = sizes[1]
+    table[j] = r
+    start[r] = used
+    length[r] = b - a
+    tag[r] = np.uint32(h >> np.uint64(32))
+    for q in range(b - a):  # (data may be ``bytes``, which numba does not slice-assign from)
+        arena[used + q] = data[a + q]
+    sizes[1] = used + b - a
+    sizes[0] += 1
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _lookup(data, lengths, salt, table, start, length, tag, arena, out):
+    absent = 0
+    b = 0
+    for i in range(len(lengths)):
+        a, b = b, b + lengths[i]
+        out[i], _ = _find(data, a, b, _hash(data, a, b, salt), table, start, length, tag, arena)
+        absent += out[i] < 0
+    return absent
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _add(data, lengths, done, next_row, row_stop, salt, table, start, length, tag, arena, sizes, out):
+    """Keys ``done ..``: look up, or add as row ``next_row`` (< ``row_stop``). Returns (keys done,
+    next row): stops at the first absent key once the rows up to ``row_stop`` are used."""
+    b = 0
+    for i in range(done):
+        b += lengths[i]
+    for i in range(done, len(lengths)):
+        a, b = b, b + lengths[i]
+        h = _hash(data, a, b, salt)
+        r, j = _find(data, a, b, h, table, start, length, tag, arena)
+        if r < 0:
+            if next_row >= row_stop:
+                return i, next_row
+            r = next_row
+            next_row += 1
+            _put(data, a, b, h, r, j, table, start, length, tag, arena, sizes)
+        out[i] = r
+    return len(lengths), next_row
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _insert(data, lengths, rows, salt, table, start, length, tag, arena, sizes):
+    """Returns -1, or the position of a key already present (nothing after it inserted)."""
+    b = 0
+    for i in range(len(lengths)):
+        a, b = b, b + lengths[i]
+        h = _hash(data, a, b, salt)
+        found, j = _find(data, a, b, h, table, start, length, tag, arena)
+        if found >= 0:
+            return i
+        _put(data, a, b, h, rows[i], j, table, start, length, tag, arena, sizes)
+    return -1
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _remove(rows, salt, table, start, length, tag, arena, sizes):
+    mask = table.shape[0] - 1
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        n = length[r]
+        if n < 0:
+            continue
+        s = start[r]
+        _, j = _find(arena, s, s + n, _hash(arena, s, s + n, salt), table, start, length, tag, arena)
+        # backward-shift deletion: pull later members of the probe chain into the hole
+        hole = j
+        k = (j + 1) & mask
+        while table[k] != _EMPTY:
+            m = table[k]
+            home = np.int64(_hash(arena, start[m], start[m] + length[m], salt) & np.uint64(mask))
+            # m may move to the hole if its home is not cyclically in (hole, k]
+            if (k - home) & mask >= (k - hole) & mask:
+                table[hole] = m
+                hole = k
+            k = (k + 1) & mask
+        table[hole] = _EMPTY
+        length[r] = -1
+        sizes[0] -= 1
+        sizes[2] += n
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _rebuild(salt, table, start, length, arena):
+    mask = table.shape[0] - 1
+    for r in range(length.shape[0]):
+        n = length[r]
+        if n < 0:
+            continue
+        j = np.int64(_hash(arena, start[r], start[r] + n, salt) & np.uint64(mask))
+        while table[j] != _EMPTY:
+            j = (j + 1) & mask
+        table[j] = r
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _compact(start, length, arena, out):
+    used = 0
+    for r in range(length.shape[0]):
+        n = length[r]
+        if n < 0:
+            continue
+        s = start[r]
+        out[used : used + n] = arena[s : s + n]
+        start[r] = used
+        used += n
+    return used
+
+
+@nb.njit(cache=True, error_model="numpy")
+def _gather(start, length, arena, n_rows):
+    offsets = np.zeros(n_rows + 1, np.int64)
+    for r in range(n_rows):
+        offsets[r + 1] = offsets[r] + max(length[r], 0)
+    data = np.empty(offsets[n_rows], np.uint8)
+    for r in range(n_rows):
+        n = length[r]
+        if n > 0:
+            data[offsets[r] : offsets[r] + n] = arena[start[r] : start[r] + n]
+    return data, offsets
