@@ -64,19 +64,26 @@ _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
 
 
+@nb.njit(cache=True, error_model="numpy", inline="always")
+def _key_seed(data, a, b, seed):
+    """The 64-bit seed of the key ``data[a:b]`` (UTF-8 bytes): FNV-1a over its bytes, started from
+    the model's seed (mixed by splitmix64) and finished by splitmix64. Plain integer arithmetic,
+    so every machine and every replica derives the same seed for the same (seed, key)."""
+    _, h = _splitmix64(seed)
+    h = _FNV_OFFSET ^ h
+    for i in range(a, b):
+        h = (h ^ np.uint64(data[i])) * _FNV_PRIME
+    _, h = _splitmix64(h)
+    return h
+
+
 @nb.njit(cache=True, error_model="numpy")
 def key_seeds(data, offsets, seed):
-    """A 64-bit seed per key: FNV-1a over its UTF-8 bytes (``data[offsets[i]:offsets[i + 1]]``),
-    started from the model's seed and finished by splitmix64. Plain integer arithmetic, so every
-    machine and every replica derives the same seed for the same (seed, key)."""
+    """The seed of each key ``data[offsets[i]:offsets[i + 1]]`` (see ``_key_seed``)."""
     n = offsets.shape[0] - 1
     out = np.empty(n, np.uint64)
-    _, start = _splitmix64(seed)
     for i in range(n):
-        h = _FNV_OFFSET ^ start
-        for b in range(offsets[i], offsets[i + 1]):
-            h = (h ^ np.uint64(data[b])) * _FNV_PRIME
-        _, out[i] = _splitmix64(h)
+        out[i] = _key_seed(data, offsets[i], offsets[i + 1], seed)
     return out
 
 
@@ -106,10 +113,15 @@ def init_rows(V, rows, seeds, std):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def reset_rows(rows, key_data, key_offsets, seed, std, w, V, gw, gV, last):
-    """Start ``rows`` afresh for the keys given as UTF-8 bytes: w = 0, optimizer state 0,
-    untouched, V drawn from (seed, key). One call, as new keys arrive a few at a time."""
-    init_rows(V, rows, key_seeds(key_data, key_offsets, seed), std)
+def reset_rows(rows, key_start, key_length, arena, seed, std, w, V, gw, gV, last):
+    """Start ``rows`` afresh: w = 0, optimizer state 0, untouched, V drawn from (seed, key), the
+    key of row ``r`` being ``arena[key_start[r] : key_start[r] + key_length[r]]`` (the key
+    index's arrays). One call, as new keys arrive a few at a time."""
+    seeds = np.empty(rows.shape[0], np.uint64)
+    for i in range(rows.shape[0]):
+        a = key_start[rows[i]]
+        seeds[i] = _key_seed(arena, a, a + key_length[rows[i]], seed)
+    init_rows(V, rows, seeds, std)
     for i in range(rows.shape[0]):
         r = rows[i]
         w[r] = 0.0

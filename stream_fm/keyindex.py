@@ -75,20 +75,34 @@ class KeyIndex:
     def __len__(self) -> int:
         return int(self._sizes[0])
 
+    # where the key of row r is: arena[key_start[r] : key_start[r] + key_length[r]] (read-only)
+    @property
+    def key_start(self) -> np.ndarray:
+        return self._start
+
+    @property
+    def key_length(self) -> np.ndarray:
+        return self._length
+
+    @property
+    def arena(self) -> np.ndarray:
+        return self._arena
+
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self._table, self._start, self._length, self._tag, self._arena))
 
     # ------------------------------------------------------------------ reading
 
-    def lookup(self, keys: list[str]) -> tuple[np.ndarray, int]:
-        """The rows of ``keys`` (int64; -1 where absent), and how many are absent."""
+    def lookup(self, keys: list[str]) -> tuple[np.ndarray, list[int]]:
+        """The rows of ``keys`` (int64; -1 where absent), and the positions of the absent ones."""
         data, lengths = pack_keys(keys)
-        out = np.empty(len(keys), np.int64)
+        out = np.empty(2 * len(keys), np.int64)  # rows, then the positions of the absent keys
+        n = len(keys)
         absent = _lookup(
             data, lengths, self._salt, self._table, self._start, self._length, self._tag, self._arena, out
         )
-        return out, absent
+        return out[:n], out[n : n + absent].tolist() if absent else []
 
     def get(self, key: str) -> int | None:
         row = int(self.lookup([key])[0][0])
@@ -139,9 +153,15 @@ class KeyIndex:
     ) -> tuple[int, int]:
         """:meth:`add` for the keys from position ``done`` on, of keys packed by :func:`pack_keys`."""
         room = min(len(lengths) - done, row_limit - next_row)  # rows this call may give out
-        self._reserve_rows(next_row + room)
-        self._reserve_bytes(len(data))
-        self._reserve_slots(len(self) + room)
+        sizes = self._sizes
+        if (  # one test for the common case: room for everything already
+            next_row + room > self._start.shape[0]
+            or sizes[1] + len(data) > self._arena.shape[0]
+            or 2 * (sizes[0] + room) > self._table.shape[0]
+        ):
+            self._reserve_rows(next_row + room)
+            self._reserve_bytes(len(data))
+            self._reserve_slots(len(self) + room)
         return _add(
             data, lengths, done, next_row, next_row + room, self._salt, self._table, self._start,
             self._length, self._tag, self._arena, self._sizes, rows,
@@ -299,12 +319,16 @@ def _put(data, a, b, h, r, j, table, start, length, tag, arena, sizes):
 
 @nb.njit(cache=True, error_model="numpy")
 def _lookup(data, lengths, salt, table, start, length, tag, arena, out):
+    """``out[i]``: the row of key i or -1; ``out[n:]``: the positions of the absent keys."""
+    n = len(lengths)
     absent = 0
     b = 0
-    for i in range(len(lengths)):
+    for i in range(n):
         a, b = b, b + lengths[i]
         out[i], _ = _find(data, a, b, _hash(data, a, b, salt), table, start, length, tag, arena)
-        absent += out[i] < 0
+        if out[i] < 0:
+            out[n + absent] = i
+            absent += 1
     return absent
 
 

@@ -344,8 +344,10 @@ class SparseFM(base.Classifier):
         A missing key was absent when the batch was encoded, so if it has a row now, that row
         was given out by this call: ``added`` (key -> row) is the only place to look."""
         if self.max_features is None and self.min_count <= 1:
-            # unbounded: every key is admitted and nothing is evicted, so no flush is needed; a
-            # cold batch repeats its new keys many times over, hence this lean loop
+            # unbounded: every key is admitted and nothing is evicted, so no flush is needed
+            if not self._free:
+                rows[[j for j, _ in misses]] = self._add_keys([key for _, key in misses])
+                return
             get = self._fresh.get
             for j, key in misses:
                 row = get(key, -1)
@@ -451,10 +453,11 @@ class SparseFM(base.Classifier):
 
     def _reset(self, rows: np.ndarray) -> None:
         """w = 0, optimizer state 0, untouched, V from (seed, key) for ``rows`` (keys indexed)."""
-        data, offsets = self._index.key_bytes(rows)
+        i = self._index
         _kernels.reset_rows(
-            rows, data, offsets, self._seed64, self.init_std, self._w, self._V, self._gw, self._gV, self._last
-        )
+            rows, i.key_start, i.key_length, i.arena, self._seed64, self.init_std,
+            self._w, self._V, self._gw, self._gV, self._last,
+        )  # fmt: skip
 
     def _evict(self, protect: set[int]) -> dict[int, str]:
         """Free the least recently updated 1/64 of the rows, never those in ``protect``.
@@ -680,7 +683,7 @@ def encode_rows_one(
 def _resolve(index: KeyIndex, keys: list[str]) -> tuple[np.ndarray, list[tuple[int, str]]]:
     """Rows of ``keys`` (-1: absent), and the (position, key) of the absent ones."""
     rows, absent = index.lookup(keys)
-    return rows, [(j, keys[j]) for j in np.flatnonzero(rows < 0).tolist()] if absent else []
+    return rows, [(j, keys[j]) for j in absent]
 
 
 def bucket_lookup(seed: int, hash_bits: int) -> Callable[[str], int]:

@@ -12,7 +12,7 @@ from stream_fm.keyindex import KeyIndex, decode_keys, encode_keys, pack_keys
 
 def lookup(index: KeyIndex, keys: list[str]) -> list[int]:
     rows, absent = index.lookup(keys)
-    assert absent == sum(r < 0 for r in rows.tolist())
+    assert absent == [i for i, r in enumerate(rows.tolist()) if r < 0]
     return rows.tolist()
 
 
