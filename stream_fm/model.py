@@ -18,7 +18,7 @@ import numpy as np
 from river import base
 
 from stream_fm import _kernels
-from stream_fm.errors import ConfigError, LabelError
+from stream_fm.errors import ConfigError, FeatureError, LabelError
 from stream_fm.features import encode_batch, encode_into
 from stream_fm.keyindex import KeyIndex, decode_keys, encode_keys, gather_keys, pack_keys
 
@@ -142,7 +142,7 @@ class SparseFM(base.Classifier):
         self.n_evicted = 0
         self.n_rejected = 0
         self._bias = np.zeros(2)  # [w0, AdaGrad accumulator of w0]
-        self._index = KeyIndex()
+        self._index = self._new_index(KeyIndex())
         # keys given rows but not yet in the index nor initialised (``_init_new`` does both)
         self._fresh: dict[str, int] = {}
         self._free: list[int] = []
@@ -232,22 +232,32 @@ class SparseFM(base.Classifier):
         The same sequential semantics and the same numbers, bit for bit, as a loop of
         ``predict_proba_one`` + ``learn_one``. A bad sample raises before anything is learned.
         """
-        keys, vals, offsets, misses = encode_batch(xs, self._bucket)  # rows, in hashing mode
-        labels = _labels(ys, len(offsets) - 1)  # checked before the index changes
-        if self._bucket is not None:
-            encoded: _Encoded = (keys, vals, offsets, misses)
-        elif self.max_features is None and self.min_count <= 1 and not self._free:
-            encoded = (self._add_keys(keys), vals, offsets, [])
-        else:
-            rows, misses = _resolve(self._index, keys)
-            encoded = (rows, vals, offsets, misses)
-        return self._learn_encoded(encoded, labels)
+        xs = xs if isinstance(xs, Sequence) else list(xs)
+        labels = _labels(ys, len(xs))  # checked before anything changes
+        return self._learn_encoded(self._encode(xs, learning=True), labels)
 
     # ------------------------------------------------------------------ encoding
 
-    def _encode(self, xs: Iterable[Mapping[str, Any]]) -> _Encoded:
-        """Encode a batch for prediction (read-only: absent keys get row -1)."""
-        return encode_rows(xs, self._index, self._bucket)
+    def _encode(self, xs: Iterable[Mapping[str, Any]], learning: bool = False) -> _Encoded:
+        """Encode a batch: absent keys get row -1 and are listed in ``misses``, but when
+        ``learning`` while the index's cache holds every key (a small model) and every key is
+        admitted: then a key the cache lacks is new, and gets its row as it is parsed, in order
+        of first appearance as a sample loop would (the cache's ``[]``)."""
+        index = self._index
+        if (
+            learning
+            and index.complete
+            and self._bucket is None
+            and self.max_features is None
+            and self.min_count <= 1
+            and not self._free
+        ):
+            try:
+                return encode_batch(xs, index.cached.__getitem__)
+            except FeatureError:
+                self._forget_fresh()  # a bad sample: the batch learns nothing, keeps no new key
+                raise
+        return encode_rows(xs, index, self._bucket)
 
     def _encode_one(self, x: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
         """One sample as (rows, x values, misses), without ``_encode``'s batch bookkeeping.
@@ -293,6 +303,7 @@ class SparseFM(base.Classifier):
 
     def _learn_encoded(self, encoded: _Encoded, labels: np.ndarray) -> np.ndarray:
         rows, vals, offsets, misses = encoded
+        self._init_new()  # rows the encoding gave out
         n = len(offsets) - 1
         out = np.empty(n)
         vals_a = np.array(vals, np.float64)
@@ -334,7 +345,7 @@ class SparseFM(base.Classifier):
 
     def _insert_missing(
         self,
-        rows: np.ndarray,
+        rows: list[int] | np.ndarray,
         offsets: list[int],
         misses: list[tuple[int, str]],
         train_until: Callable[[int], None],
@@ -345,8 +356,12 @@ class SparseFM(base.Classifier):
         was given out by this call: ``added`` (key -> row) is the only place to look."""
         if self.max_features is None and self.min_count <= 1:
             # unbounded: every key is admitted and nothing is evicted, so no flush is needed
-            if not self._free:
-                rows[[j for j, _ in misses]] = self._add_keys([key for _, key in misses])
+            if not self._free:  # new rows in one compiled pass: a cold batch repeats its new keys
+                keys = [key for _, key in misses]
+                added = self._add_keys(keys).tolist()
+                for (j, _), row in zip(misses, added, strict=True):
+                    rows[j] = row
+                self._index.remember(keys, added)
                 return
             get = self._fresh.get
             for j, key in misses:
@@ -373,7 +388,7 @@ class SparseFM(base.Classifier):
                     train_until(s)
                     # protect every row this sample uses, including keys it has yet to look up
                     end = offsets[s + 1]
-                    protect = set(rows[offsets[s] : end].tolist())
+                    protect = set(rows[offsets[s] : end])
                     for q, other in itertools.islice(misses, mi, None):
                         if q >= end:
                             break
@@ -381,11 +396,10 @@ class SparseFM(base.Classifier):
                     evicted = self._evict(protect=protect - {-1})
                     for gone in evicted.values():
                         added.pop(gone, None)
-                    tail = rows[j + 1 :]
-                    hit = np.flatnonzero(np.isin(tail, np.fromiter(evicted, np.int64, len(evicted))))
-                    if hit.shape[0]:
-                        later = [(j + 1 + q, evicted[int(tail[q])]) for q in hit.tolist()]
-                        tail[hit] = -1
+                    later = [(q, evicted[rows[q]]) for q in range(j + 1, len(rows)) if rows[q] in evicted]
+                    if later:
+                        for q, _ in later:
+                            rows[q] = -1
                         misses = sorted(misses[mi:] + later)
                         mi = 0
                 if self.max_features is None or self.n_features < self.max_features:
@@ -408,6 +422,10 @@ class SparseFM(base.Classifier):
             for old in list(itertools.islice(self._pending, len(self._pending) // 2 or 1)):
                 del self._pending[old]
         return False
+
+    def _new_index(self, index: KeyIndex) -> KeyIndex:
+        index.cached.on_miss = self._new_row  # see _encode
+        return index
 
     def _add_keys(self, keys: list[str]) -> np.ndarray:
         """The rows of ``keys`` when every key is admitted and none evicted (unbounded, no free
@@ -440,6 +458,15 @@ class SparseFM(base.Classifier):
             self._n_rows += 1
         self._fresh[key] = row
         return row
+
+    def _forget_fresh(self) -> None:
+        """Take back the rows given out since the last ``_init_new`` (an encoding that failed):
+        the last rows of the slabs, as no free row is used while encoding gives rows out."""
+        for key in self._fresh:
+            del self._index.cached[key]
+        self._n_rows -= len(self._fresh)
+        self._fresh.clear()
+        self._generation += 1
 
     def _init_new(self) -> None:
         """Index the fresh keys and start their rows from scratch: w = 0, optimizer state 0,
@@ -596,7 +623,9 @@ class SparseFM(base.Classifier):
             model._gV[:n] = arrays["gV"]
         model._free = [int(r) for r in arrays["free"]]
         if model.hash_bits is None:
-            model._index = KeyIndex.from_keys(arrays["key_bytes"], arrays["key_offsets"], model._free)
+            model._index = model._new_index(
+                KeyIndex.from_keys(arrays["key_bytes"], arrays["key_offsets"], model._free)
+            )
         if "pending_counts" in arrays:
             pending = decode_keys(arrays["pending_key_bytes"], arrays["pending_key_offsets"])
             model._pending = dict(zip(pending, arrays["pending_counts"].tolist(), strict=True))
@@ -656,12 +685,12 @@ class StateCapture:
 def encode_rows(
     xs: Iterable[Mapping[str, Any]], index: KeyIndex, bucket: Callable[[str], int] | None
 ) -> _Encoded:
-    """Feature dicts -> (rows, x values, CSR offsets, misses): the keys are parsed in Python and
-    then looked up in ``index`` all at once (or hashed one by one by ``bucket``, if given)."""
-    if bucket is not None:
-        return encode_batch(xs, bucket)
-    keys, vals, offsets, _ = encode_batch(xs, None)
-    rows, misses = _resolve(index, keys)
+    """Feature dicts -> (rows, x values, CSR offsets, misses): each key is looked up in the
+    index's cache as it is parsed (or hashed by ``bucket``, if given), the rest in the index at
+    once; ``misses`` are the (position, key) of the keys absent (row -1)."""
+    rows, vals, offsets, misses = encode_batch(xs, index.cached.get if bucket is None else bucket)
+    if misses:
+        misses = index.resolve(rows, misses)
     return rows, vals, offsets, misses
 
 
@@ -669,21 +698,13 @@ def encode_rows_one(
     x: Mapping[str, Any], index: KeyIndex, bucket: Callable[[str], int] | None
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]], list[list[Any]]]:
     """One sample as :func:`encode_rows` makes it, in arrays, and its list values."""
-    rows: list[Any] = []  # keys, or rows with a bucket
+    rows: list[int] = []
     vals: list[float] = []
     misses: list[tuple[int, str]] = []
-    lists = encode_into(x, bucket, rows, vals, misses)
-    if bucket is None:
-        r, misses = _resolve(index, rows)
-    else:
-        r = np.array(rows, np.int64)
-    return r, np.array(vals, np.float64), misses, lists
-
-
-def _resolve(index: KeyIndex, keys: list[str]) -> tuple[np.ndarray, list[tuple[int, str]]]:
-    """Rows of ``keys`` (-1: absent), and the (position, key) of the absent ones."""
-    rows, absent = index.lookup(keys)
-    return rows, [(j, keys[j]) for j in absent]
+    lists = encode_into(x, index.cached.get if bucket is None else bucket, rows, vals, misses)
+    if misses:
+        misses = index.resolve(rows, misses)
+    return np.array(rows, np.int64), np.array(vals, np.float64), misses, lists
 
 
 def bucket_lookup(seed: int, hash_bits: int) -> Callable[[str], int]:
