@@ -11,26 +11,27 @@ Keys reach the compiled side as a batch of UTF-8 bytes (:func:`pack_keys`), and 
 them back to back plus offsets (:func:`encode_keys`), so a snapshot's keys load without a Python
 string each.
 
-In front of the table sits ``cached``, a dict of at most ``CACHE_KEYS`` keys recently found: the
-encoder looks every key up there first, at dict speed (a call into compiled code costs about a
-microsecond), and only the keys it lacks go to the table. With Zipf-distributed ids nearly every
-lookup is a hit, and the cache's memory is bounded whatever the number of keys. While the index
-is small, the cache holds all of it (``complete``): a key the cache lacks is then absent, with no
-call to the table at all.
+For one sample at a time, a call into compiled code (about a microsecond) is a large part of the
+cost, so in front of the table sits ``cached``, a dict of at most ``CACHE_KEYS`` keys recently
+found by :meth:`KeyIndex.resolve`: a one-sample encoder looks keys up there first, at dict speed,
+and only those it lacks go to the table. With Zipf-distributed ids nearly every lookup is a hit;
+while the cache holds every key of the index (a small model), a key it lacks is absent, with no
+call to the table at all. Batches go to the table directly: one call serves thousands of keys.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numba as nb
 import numpy as np
 
 from stream_fm._kernels import _splitmix64
 
-__all__ = ["KeyIndex", "decode_keys", "encode_keys"]
+__all__ = ["KeyIndex", "add_keys", "decode_keys", "encode_keys", "gather_keys", "pack_keys"]
 
 _EMPTY = -1
 CACHE_KEYS = 1 << 16
@@ -80,8 +81,7 @@ class KeyIndex:
         self._tag = np.zeros(rows, np.uint32)  # high bits of the key's hash: most probes stop here
         self._arena = np.zeros(1 << 16, np.uint8)
         self._sizes = np.zeros(3, np.int64)  # [keys, arena bytes used, arena bytes of removed keys]
-        self.cached = KeyCache()  # key -> row for keys recently found: never a stale row
-        self.complete = True  # every key of the index is in ``cached``
+        self.cached: dict[str, int] = {}  # key -> row for keys recently found: never a stale row
 
     def __len__(self) -> int:
         return int(self._sizes[0])
@@ -118,7 +118,7 @@ class KeyIndex:
     def resolve(self, rows: list[int] | np.ndarray, misses: list[tuple[int, str]]) -> list[tuple[int, str]]:
         """Look up the keys the cache lacked (``misses``: (position, key)): fills ``rows`` at the
         positions of those found, and caches them; returns the (position, key) of the absent."""
-        if self.complete:
+        if len(self.cached) == len(self):  # the cache holds every key: the misses are absent
             return misses
         found, absent = self.lookup([key for _, key in misses])
         if len(absent) == len(misses):
@@ -139,7 +139,6 @@ class KeyIndex:
     def _trim(self) -> None:
         if len(self.cached) > CACHE_KEYS:
             self.cached.clear()  # the keys in use now come back at once, the rest stay out
-            self.complete = False
 
     def get(self, key: str) -> int | None:
         row = int(self.lookup([key])[0][0])
@@ -169,40 +168,20 @@ class KeyIndex:
 
     # ------------------------------------------------------------------ writing
 
-    def add(self, keys: list[str], next_row: int, row_limit: int) -> tuple[np.ndarray, int, int]:
-        """Look ``keys`` up, giving each absent one the next row (``next_row``, ``next_row + 1``,
-        ... in order of first appearance; its repeats then find it), while rows stay below
-        ``row_limit``. Returns (rows, how many keys were done, the next row): a caller that gets
-        back fewer than all keys makes room for more rows and calls :meth:`add_more`."""
-        data, lengths = pack_keys(keys)
-        rows = np.empty(len(keys), np.int64)
-        done, next_row = self.add_more(data, lengths, rows, 0, next_row, row_limit)
-        return rows, done, next_row
-
-    def add_more(
-        self,
-        data: bytes,
-        lengths: bytes | np.ndarray,
-        rows: np.ndarray,
-        done: int,
-        next_row: int,
-        row_limit: int,
-    ) -> tuple[int, int]:
-        """:meth:`add` for the keys from position ``done`` on, of keys packed by :func:`pack_keys`."""
-        room = min(len(lengths) - done, row_limit - next_row)  # rows this call may give out
+    def prepare_add(self, n_keys: int, n_bytes: int, row_stop: int) -> tuple[Any, ...]:
+        """Make room for up to ``n_keys`` new keys of ``n_bytes`` in all, on rows below
+        ``row_stop``; returns the index's part of the arguments of :func:`add_keys` (compiled,
+        for a compiled caller that does more with the new rows in the same call)."""
         sizes = self._sizes
         if (  # one test for the common case: room for everything already
-            next_row + room > self._start.shape[0]
-            or sizes[1] + len(data) > self._arena.shape[0]
-            or 2 * (sizes[0] + room) > self._table.shape[0]
+            row_stop > self._start.shape[0]
+            or sizes[1] + n_bytes > self._arena.shape[0]
+            or 2 * (sizes[0] + n_keys) > self._table.shape[0]
         ):
-            self._reserve_rows(next_row + room)
-            self._reserve_bytes(len(data))
-            self._reserve_slots(len(self) + room)
-        return _add(
-            data, lengths, done, next_row, next_row + room, self._salt, self._table, self._start,
-            self._length, self._tag, self._arena, self._sizes, rows,
-        )  # fmt: skip
+            self._reserve_rows(row_stop)
+            self._reserve_bytes(n_bytes)
+            self._reserve_slots(len(self) + n_keys)
+        return self._salt, self._table, self._start, self._length, self._tag, self._arena, self._sizes
 
     def insert(self, keys: list[str], rows: np.ndarray) -> None:
         """Give key ``i`` row ``rows[i]``. The keys must be absent and distinct, the rows keyless."""
@@ -248,7 +227,6 @@ class KeyIndex:
         )
         if index._insert(kept, lengths, rows) >= 0:
             raise ValueError("the same key is stored twice")
-        index.complete = rows.shape[0] == 0
         return index
 
     # ------------------------------------------------------------------ growth
@@ -279,25 +257,6 @@ class KeyIndex:
                 size *= 2
             self._table = np.full(size, _EMPTY, np.int32)
             _rebuild(self._salt, self._table, self._start, self._length, self._arena)
-
-
-class KeyCache(dict):
-    """The index's front cache (a dict: C-speed lookups). ``get`` only reads; ``[]`` on a key it
-    lacks calls ``on_miss(key)`` if set, caches and returns the row that gives: a learner whose
-    cache is complete gives new keys their rows as it parses them, so that a batch's repeats of
-    a new key are plain hits."""
-
-    __slots__ = ("on_miss",)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.on_miss: Callable[[str], int] | None = None
-
-    def __missing__(self, key: str) -> int:
-        if self.on_miss is None:
-            raise KeyError(key)
-        row = self[key] = self.on_miss(key)
-        return row
 
 
 def pack_keys(keys: list[str]) -> tuple[bytes, bytes | np.ndarray]:
@@ -393,9 +352,11 @@ def _lookup(data, lengths, salt, table, start, length, tag, arena, out):
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _add(data, lengths, done, next_row, row_stop, salt, table, start, length, tag, arena, sizes, out):
-    """Keys ``done ..``: look up, or add as row ``next_row`` (< ``row_stop``). Returns (keys done,
-    next row): stops at the first absent key once the rows up to ``row_stop`` are used."""
+def add_keys(data, lengths, done, next_row, row_stop, out, salt, table, start, length, tag, arena, sizes):
+    """The rows of the packed keys from position ``done`` on into ``out``: each absent key is
+    added as row ``next_row``, ``next_row + 1``, ... in order of first appearance (its repeats
+    then find it), below ``row_stop``. Returns (keys done, next row): it stops at the first
+    absent key once the rows are used up. The index's arguments come from ``prepare_add``."""
     b = 0
     for i in range(done):
         b += lengths[i]

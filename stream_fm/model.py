@@ -14,13 +14,14 @@ import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import numba as nb
 import numpy as np
 from river import base
 
 from stream_fm import _kernels
-from stream_fm.errors import ConfigError, FeatureError, LabelError
+from stream_fm.errors import ConfigError, LabelError
 from stream_fm.features import encode_batch, encode_into
-from stream_fm.keyindex import KeyIndex, decode_keys, encode_keys, gather_keys, pack_keys
+from stream_fm.keyindex import KeyIndex, add_keys, decode_keys, encode_keys, gather_keys, pack_keys
 
 __all__ = ["SparseFM", "StateCapture", "bucket_lookup", "encode_rows", "encode_rows_one"]
 
@@ -142,7 +143,7 @@ class SparseFM(base.Classifier):
         self.n_evicted = 0
         self.n_rejected = 0
         self._bias = np.zeros(2)  # [w0, AdaGrad accumulator of w0]
-        self._index = self._new_index(KeyIndex())
+        self._index = KeyIndex()
         # keys given rows but not yet in the index nor initialised (``_init_new`` does both)
         self._fresh: dict[str, int] = {}
         self._free: list[int] = []
@@ -239,25 +240,13 @@ class SparseFM(base.Classifier):
     # ------------------------------------------------------------------ encoding
 
     def _encode(self, xs: Iterable[Mapping[str, Any]], learning: bool = False) -> _Encoded:
-        """Encode a batch: absent keys get row -1 and are listed in ``misses``, but when
-        ``learning`` while the index's cache holds every key (a small model) and every key is
-        admitted: then a key the cache lacks is new, and gets its row as it is parsed, in order
-        of first appearance as a sample loop would (the cache's ``[]``)."""
-        index = self._index
-        if (
-            learning
-            and index.complete
-            and self._bucket is None
-            and self.max_features is None
-            and self.min_count <= 1
-            and not self._free
-        ):
-            try:
-                return encode_batch(xs, index.cached.__getitem__)
-            except FeatureError:
-                self._forget_fresh()  # a bad sample: the batch learns nothing, keeps no new key
-                raise
-        return encode_rows(xs, index, self._bucket)
+        """Encode a batch: absent keys get row -1 and are listed in ``misses``; but ``learning``
+        while every key is admitted and none evicted, absent keys get new rows at once."""
+        if learning and self._bucket is None and self.max_features is None and self.min_count <= 1:
+            if not self._free:
+                keys, vals, offsets, _ = encode_batch(xs, None)
+                return self._add_keys(keys), vals, offsets, []
+        return encode_rows(xs, self._index, self._bucket)
 
     def _encode_one(self, x: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
         """One sample as (rows, x values, misses), without ``_encode``'s batch bookkeeping.
@@ -303,7 +292,6 @@ class SparseFM(base.Classifier):
 
     def _learn_encoded(self, encoded: _Encoded, labels: np.ndarray) -> np.ndarray:
         rows, vals, offsets, misses = encoded
-        self._init_new()  # rows the encoding gave out
         n = len(offsets) - 1
         out = np.empty(n)
         vals_a = np.array(vals, np.float64)
@@ -423,27 +411,27 @@ class SparseFM(base.Classifier):
                 del self._pending[old]
         return False
 
-    def _new_index(self, index: KeyIndex) -> KeyIndex:
-        index.cached.on_miss = self._new_row  # see _encode
-        return index
-
     def _add_keys(self, keys: list[str]) -> np.ndarray:
         """The rows of ``keys`` when every key is admitted and none evicted (unbounded, no free
         row): the absent ones get new rows in order of first appearance, as ``_new_row`` gives
-        them, in one compiled pass (a cold batch repeats each new key many times)."""
+        them, in one compiled pass that also starts them afresh (``_add_rows``)."""
         data, lengths = pack_keys(keys)
         rows = np.empty(len(keys), np.int64)
         first = next_row = self._n_rows
         done = 0
         while True:
-            done, next_row = self._index.add_more(data, lengths, rows, done, next_row, self._w.shape[0])
+            stop = min(next_row + len(keys) - done, self._w.shape[0])
+            index_args = self._index.prepare_add(stop - next_row, len(data), stop)
+            done, next_row = _add_rows(
+                data, lengths, done, next_row, stop, rows, *index_args,
+                self._seed64, self.init_std, self._w, self._V, self._gw, self._gV, self._last,
+            )  # fmt: skip
             if done == len(keys):
                 break
             self._alloc(2 * self._w.shape[0])
         if next_row > first:
             self._n_rows = next_row
             self._generation += 1
-            self._reset(np.arange(first, next_row, dtype=np.int64))
         return rows
 
     def _new_row(self, key: str) -> int:
@@ -458,15 +446,6 @@ class SparseFM(base.Classifier):
             self._n_rows += 1
         self._fresh[key] = row
         return row
-
-    def _forget_fresh(self) -> None:
-        """Take back the rows given out since the last ``_init_new`` (an encoding that failed):
-        the last rows of the slabs, as no free row is used while encoding gives rows out."""
-        for key in self._fresh:
-            del self._index.cached[key]
-        self._n_rows -= len(self._fresh)
-        self._fresh.clear()
-        self._generation += 1
 
     def _init_new(self) -> None:
         """Index the fresh keys and start their rows from scratch: w = 0, optimizer state 0,
@@ -623,9 +602,7 @@ class SparseFM(base.Classifier):
             model._gV[:n] = arrays["gV"]
         model._free = [int(r) for r in arrays["free"]]
         if model.hash_bits is None:
-            model._index = model._new_index(
-                KeyIndex.from_keys(arrays["key_bytes"], arrays["key_offsets"], model._free)
-            )
+            model._index = KeyIndex.from_keys(arrays["key_bytes"], arrays["key_offsets"], model._free)
         if "pending_counts" in arrays:
             pending = decode_keys(arrays["pending_key_bytes"], arrays["pending_key_offsets"])
             model._pending = dict(zip(pending, arrays["pending_counts"].tolist(), strict=True))
@@ -682,22 +659,38 @@ class StateCapture:
         return arrays, dict(self.meta)
 
 
+@nb.njit(cache=True, error_model="numpy")
+def _add_rows(data, lengths, done, next_row, row_stop, out, salt, table, start, length, tag, arena, sizes,
+              seed, std, w, V, gw, gV, last):  # fmt: skip
+    """:func:`~stream_fm.keyindex.add_keys`, then the new rows started afresh: one call for the
+    two, as new keys arrive a few at a time."""
+    first = next_row
+    done, next_row = add_keys(
+        data, lengths, done, next_row, row_stop, out, salt, table, start, length, tag, arena, sizes
+    )
+    if next_row > first:
+        _kernels.reset_rows(np.arange(first, next_row), start, length, arena, seed, std, w, V, gw, gV, last)
+    return done, next_row
+
+
 def encode_rows(
     xs: Iterable[Mapping[str, Any]], index: KeyIndex, bucket: Callable[[str], int] | None
 ) -> _Encoded:
-    """Feature dicts -> (rows, x values, CSR offsets, misses): each key is looked up in the
-    index's cache as it is parsed (or hashed by ``bucket``, if given), the rest in the index at
-    once; ``misses`` are the (position, key) of the keys absent (row -1)."""
-    rows, vals, offsets, misses = encode_batch(xs, index.cached.get if bucket is None else bucket)
-    if misses:
-        misses = index.resolve(rows, misses)
-    return rows, vals, offsets, misses
+    """Feature dicts -> (rows, x values, CSR offsets, misses): keys are parsed in Python, then
+    looked up in ``index`` all at once (or hashed by ``bucket``, if given); ``misses`` are the
+    (position, key) of the keys absent (row -1)."""
+    if bucket is not None:
+        return encode_batch(xs, bucket)
+    keys, vals, offsets, _ = encode_batch(xs, None)
+    rows, absent = index.lookup(keys)
+    return rows, vals, offsets, [(j, keys[j]) for j in absent]
 
 
 def encode_rows_one(
     x: Mapping[str, Any], index: KeyIndex, bucket: Callable[[str], int] | None
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]], list[list[Any]]]:
-    """One sample as :func:`encode_rows` makes it, in arrays, and its list values."""
+    """One sample as :func:`encode_rows` makes it, in arrays, and its list values; its keys are
+    looked up in the index's cache as they are parsed, only the rest in the index."""
     rows: list[int] = []
     vals: list[float] = []
     misses: list[tuple[int, str]] = []

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from stream_fm.keyindex import KeyIndex, decode_keys, encode_keys, pack_keys
+from stream_fm.keyindex import KeyIndex, add_keys, decode_keys, encode_keys, pack_keys
 
 
 def lookup(index: KeyIndex, keys: list[str]) -> list[int]:
@@ -63,8 +63,8 @@ def test_any_string_is_a_key_and_survives_export():
     assert [index.key_of(i) for i in range(len(keys))] == keys
 
 
-def test_add_gives_new_keys_the_next_rows_in_order_of_first_appearance():
-    """``add`` as a dict would do it, also when it runs out of rows mid-batch and resumes."""
+def test_add_keys_gives_new_keys_the_next_rows_in_order_of_first_appearance():
+    """``add_keys`` as a dict would do it, also when it runs out of rows mid-batch and resumes."""
     rng = random.Random(7)
     index, expected, next_row = KeyIndex(rows=2), {}, 0
     for limit_step in (1, 3, 1000):
@@ -73,7 +73,9 @@ def test_add_gives_new_keys_the_next_rows_in_order_of_first_appearance():
         rows = np.empty(len(keys), np.int64)
         done, calls = 0, 0
         while done < len(keys):
-            done, next_row = index.add_more(data, lengths, rows, done, next_row, next_row + limit_step)
+            stop = next_row + limit_step
+            args = index.prepare_add(stop - next_row, len(data), stop)
+            done, next_row = add_keys(data, lengths, done, next_row, stop, rows, *args)
             calls += 1
         for key in keys:
             expected.setdefault(key, len(expected))

@@ -11,7 +11,7 @@ import pytest
 from helpers import categorical_stream, state_equal
 from river import facto, linear_model, metrics, optim
 
-from stream_fm import ConfigError, FeatureError, LabelError, SparseFM
+from stream_fm import ConfigError, FeatureError, LabelError, SparseFM, keyindex
 
 # ---------------------------------------------------------------- helpers: a plain FM, written out
 
@@ -179,6 +179,39 @@ def test_learn_batch_equals_the_per_sample_loop(params):
         assert loop.n_evicted > 0
     if "min_count" in params:
         assert loop.n_rejected > 0
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{}, {"max_features": 60}, {"min_count": 3, "admission_capacity": 40}],
+    ids=["unbounded", "max_features", "min_count"],
+)
+def test_the_key_cache_is_a_speed_up_only(params, monkeypatch):
+    """A model whose key index caches 4 keys (so that nearly every lookup goes to the compiled
+    table, and new keys are added there) learns the same model, bit for bit."""
+    stream = categorical_stream(1500, seed=2)
+    xs, ys = [x for x, _ in stream], [y for _, y in stream]
+
+    def run(batched: bool) -> tuple[SparseFM, list[float]]:
+        model = SparseFM(seed=9, **params)
+        if batched:
+            return model, [
+                p for i in range(0, 1500, 256) for p in model.learn_batch(xs[i : i + 256], ys[i : i + 256])
+            ]
+        out = []
+        for x, y in stream:
+            out.append(model.predict_proba_one(x)[True])
+            model.learn_one(x, y)
+        return model, out
+
+    reference, expected = run(batched=False)
+    assert len(reference._index.cached) == reference.n_features  # the default cache holds every key
+    monkeypatch.setattr(keyindex, "CACHE_KEYS", 4)
+    for batched in (False, True):
+        model, got = run(batched)
+        assert len(model._index.cached) <= 4 < model.n_features
+        assert got == expected
+        assert state_equal(model, reference)
 
 
 def test_predicting_changes_nothing():
