@@ -160,11 +160,14 @@ class KeyIndex:
         """The keys of ``rows`` in :func:`encode_keys` form ('' for a keyless row)."""
         return _gather(self._start[rows], self._length[rows], self._arena, rows.shape[0])
 
-    def capture(self, n_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Copies of what :func:`gather_keys` needs to export rows ``0 .. n_rows-1`` later, on
-        another thread."""
-        used = int(self._sizes[1])
-        return self._start[:n_rows].copy(), self._length[:n_rows].copy(), self._arena[:used].copy()
+    def parts(self, n_rows: int) -> dict[str, tuple[np.ndarray, int]]:
+        """What :func:`gather_keys` needs to export the keys of rows ``0 .. n_rows-1``: each
+        array with the length of its prefix in use (a caller copies these, to export later)."""
+        return {
+            "key_start": (self._start, n_rows),
+            "key_length": (self._length, n_rows),
+            "key_arena": (self._arena, int(self._sizes[1])),
+        }
 
     # ------------------------------------------------------------------ writing
 

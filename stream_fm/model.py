@@ -530,8 +530,11 @@ class SparseFM(base.Classifier):
         """
         n = self._n_rows
         arrays = {"bias": self._bias.copy(), "free": np.array(self._free, np.int64)}
-        for name, a in self._row_arrays().items():
-            arrays[name] = _copy_rows(a, n, buffers, name)
+        for name, (a, count) in self._captured(n).items():
+            arrays[name] = _copy_rows(a, count, buffers, name)
+        keys = None
+        if self.hash_bits is None:  # the index's arrays, gathered into keys by materialize()
+            keys = tuple(arrays.pop(name) for name in ("key_start", "key_length", "key_arena"))
         meta = {
             "class": type(self).__name__,
             "state_format": _STATE_FORMAT,
@@ -544,7 +547,6 @@ class SparseFM(base.Classifier):
             "n_skipped": self.n_skipped,
             "n_trained_rows": int(self._counts[1]),
         }
-        keys = self._index.capture(n) if self.hash_bits is None else None
         return StateCapture(arrays, meta, keys, list(self._pending.items()))
 
     def reserve_buffers(self, buffers: dict[str, np.ndarray]) -> int:
@@ -555,20 +557,23 @@ class SparseFM(base.Classifier):
         which the buffers fit.
         """
         n = self._n_rows
-        target = n + n // 4 + 1024
-        for name, a in self._row_arrays().items():
+        for name, (a, count) in self._captured(n).items():
+            target = count + count // 4 + 1024
             buf = buffers.get(name)
             if buf is None or buf.shape[0] < target or buf.shape[1:] != a.shape[1:] or buf.dtype != a.dtype:
                 buf = np.zeros((target, *a.shape[1:]), a.dtype)
                 buf.fill(0)  # np.zeros maps lazily: write every page now
                 buffers[name] = buf
-        return min(b.shape[0] for b in buffers.values())
+        return min(buffers[name].shape[0] for name in ("w", "V", "last"))
 
-    def _row_arrays(self) -> dict[str, np.ndarray]:
-        """The per-row parameter arrays, by the names the state uses."""
-        arrays = {"w": self._w, "V": self._V, "last": self._last}
+    def _captured(self, n: int) -> dict[str, tuple[np.ndarray, int]]:
+        """The arrays a state capture copies, by name, each with the length of its prefix in
+        use: the per-row parameter arrays (``n`` rows) and the key index's."""
+        arrays = {"w": (self._w, n), "V": (self._V, n), "last": (self._last, n)}
         if self._gw.shape[0]:
-            arrays.update(gw=self._gw, gV=self._gV)
+            arrays.update(gw=(self._gw, n), gV=(self._gV, n))
+        if self.hash_bits is None:
+            arrays.update(self._index.parts(n))
         return arrays
 
     @classmethod
