@@ -171,20 +171,17 @@ class KeyIndex:
 
     # ------------------------------------------------------------------ writing
 
-    def prepare_add(self, n_keys: int, n_bytes: int, row_stop: int) -> tuple[Any, ...]:
-        """Make room for up to ``n_keys`` new keys of ``n_bytes`` in all, on rows below
-        ``row_stop``; returns the index's part of the arguments of :func:`add_keys` (compiled,
-        for a compiled caller that does more with the new rows in the same call)."""
-        sizes = self._sizes
-        if (  # one test for the common case: room for everything already
-            row_stop > self._start.shape[0]
-            or sizes[1] + n_bytes > self._arena.shape[0]
-            or 2 * (sizes[0] + n_keys) > self._table.shape[0]
-        ):
-            self._reserve_rows(row_stop)
-            self._reserve_bytes(n_bytes)
-            self._reserve_slots(len(self) + n_keys)
+    @property
+    def add_args(self) -> tuple[Any, ...]:
+        """The index's part of the arguments of :func:`add_keys` (compiled, for a compiled caller
+        that does more with the new rows in the same call). Stale after :meth:`make_room`."""
         return self._salt, self._table, self._start, self._length, self._tag, self._arena, self._sizes
+
+    def make_room(self, n_keys: int, n_bytes: int, row_stop: int) -> None:
+        """Room for ``n_keys`` more keys of ``n_bytes`` in all, on rows below ``row_stop``."""
+        self._reserve_rows(row_stop)
+        self._reserve_bytes(n_bytes)
+        self._reserve_slots(len(self) + n_keys)
 
     def insert(self, keys: list[str], rows: np.ndarray) -> None:
         """Give key ``i`` row ``rows[i]``. The keys must be absent and distinct, the rows keyless."""
@@ -359,7 +356,8 @@ def add_keys(data, lengths, done, next_row, row_stop, out, salt, table, start, l
     """The rows of the packed keys from position ``done`` on into ``out``: each absent key is
     added as row ``next_row``, ``next_row + 1``, ... in order of first appearance (its repeats
     then find it), below ``row_stop``. Returns (keys done, next row): it stops at the first
-    absent key once the rows are used up. The index's arguments come from ``prepare_add``."""
+    absent key that finds no room (rows used up, or the index full: ``make_room``, then call
+    again). The index's arguments are :attr:`KeyIndex.add_args`."""
     b = 0
     for i in range(done):
         b += lengths[i]
@@ -368,7 +366,8 @@ def add_keys(data, lengths, done, next_row, row_stop, out, salt, table, start, l
         h = _hash(data, a, b, salt)
         r, j = _find(data, a, b, h, table, start, length, tag, arena)
         if r < 0:
-            if next_row >= row_stop:
+            full = next_row >= start.shape[0] or sizes[1] + (b - a) > arena.shape[0]
+            if next_row >= row_stop or full or 2 * (sizes[0] + 1) > table.shape[0]:
                 return i, next_row
             r = next_row
             next_row += 1

@@ -420,15 +420,17 @@ class SparseFM(base.Classifier):
         first = next_row = self._n_rows
         done = 0
         while True:
-            stop = min(next_row + len(keys) - done, self._w.shape[0])
-            index_args = self._index.prepare_add(stop - next_row, len(data), stop)
             done, next_row = _add_rows(
-                data, lengths, done, next_row, stop, rows, *index_args,
+                data, lengths, done, next_row, self._w.shape[0], rows, *self._index.add_args,
                 self._seed64, self.init_std, self._w, self._V, self._gw, self._gV, self._last,
             )  # fmt: skip
             if done == len(keys):
                 break
-            self._alloc(2 * self._w.shape[0])
+            # out of room: grow what is short (the first call of a batch finds it, then one more)
+            if next_row == self._w.shape[0]:
+                self._alloc(2 * self._w.shape[0])
+            left = len(keys) - done
+            self._index.make_room(left, len(data), min(next_row + left, self._w.shape[0]))
         if next_row > first:
             self._n_rows = next_row
             self._generation += 1
