@@ -119,10 +119,13 @@ def main() -> None:
         for i in range(0, len(xs), 4096):
             fn(xs[i : i + 4096])
         rates.append((name, f"{len(xs) / (time.perf_counter() - t):,.0f}"))
-    t = time.perf_counter()
-    for x in xs[:50_000]:
-        predictor.predict(x)
-    rates.append(("Predictor.predict (one at a time)", f"{50_000 / (time.perf_counter() - t):,.0f}"))
+    # one at a time, twice over the same samples: the first pass fills the key cache
+    for name in ("first pass", "second pass"):
+        t = time.perf_counter()
+        for x in xs[:50_000]:
+            predictor.predict(x)
+        rate = 50_000 / (time.perf_counter() - t)
+        rates.append((f"Predictor.predict (one at a time, {name})", f"{rate:,.0f}"))
     print("\nserving throughput, synthetic stream (17 features a sample), batches of 4096")
     print_table(["predictor", "samples/s"], rates)
     if args.root is None:

@@ -137,8 +137,10 @@ class KeyIndex:
         self._trim()
 
     def _trim(self) -> None:
-        if len(self.cached) > CACHE_KEYS:
-            self.cached.clear()  # the keys in use now come back at once, the rest stay out
+        cache = self.cached
+        if len(cache) > CACHE_KEYS:  # keep the newer half (a dict keeps insertion order)
+            for key in list(itertools.islice(cache, len(cache) - CACHE_KEYS // 2)):
+                del cache[key]
 
     def get(self, key: str) -> int | None:
         row = int(self.lookup([key])[0][0])
