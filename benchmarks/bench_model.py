@@ -58,6 +58,7 @@ def warm_up() -> None:
     m = SparseFM()
     m.learn_batch([{"a": "b", "n": 1.0}], [True])
     m.predict_proba_one({"a": "b"})
+    m.learn_one({"a": "c", "l": ["x", "y"]}, False)
 
 
 def speed(stream_name: str, stream: datasets.Stream, river_n: int) -> list[tuple[str, str, str]]:
