@@ -267,15 +267,14 @@ def pack_keys(keys: list[str]) -> tuple[bytes, bytes | np.ndarray]:
     bytes long, else an int64 array."""
     joined = "".join(keys)
     if joined.isascii():  # lengths in characters are lengths in bytes
-        data = joined.encode("ascii")
-        sizes = list(map(len, keys))
+        data, parts = joined.encode("ascii"), keys
     else:
-        blobs = [k.encode("utf-8", "surrogatepass") for k in keys]
-        data, sizes = b"".join(blobs), list(map(len, blobs))
+        parts = [k.encode("utf-8", "surrogatepass") for k in keys]
+        data = b"".join(parts)
     try:
-        return data, bytes(sizes)
+        return data, bytes(map(len, parts))
     except ValueError:  # a key of 256 bytes or more
-        return data, np.array(sizes, np.int64)
+        return data, np.fromiter(map(len, parts), np.int64, len(parts))
 
 
 def _grown(a: np.ndarray, size: int, fill: int) -> np.ndarray:
