@@ -64,11 +64,11 @@ def decode_keys(data: np.ndarray, offsets: np.ndarray) -> list[str]:
 
 
 class KeyIndex:
-    """Feature key -> row, for rows given out by the caller (the model).
+    """Feature key -> row, for rows given out by the caller (the model), below 2**31.
 
-    ``lookup`` is read-only and safe to call at any time; ``add``, ``insert`` and ``remove``
-    change the index. Row ``r`` holds its key at ``arena[start[r] : start[r] + length[r]]``; a
-    row without a key has length -1.
+    ``lookup`` and ``resolve`` only read the table (``resolve`` fills the cache); :func:`add_keys`,
+    ``insert`` and ``remove`` change it. Row ``r`` holds its key at
+    ``arena[start[r] : start[r] + length[r]]``; a row without a key has length -1.
     """
 
     def __init__(self, rows: int = 1024, salt: int | None = None) -> None:
