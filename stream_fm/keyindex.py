@@ -139,8 +139,10 @@ class KeyIndex:
     def _trim(self) -> None:
         cache = self.cached
         if len(cache) > CACHE_KEYS:  # keep the newer half (a dict keeps insertion order)
-            for key in list(itertools.islice(cache, len(cache) - CACHE_KEYS // 2)):
-                del cache[key]
+            # list(dict) is one C call, so other threads (a shared Predictor) may add keys
+            # meanwhile without breaking an iteration; pop, as one of them may trim too
+            for key in list(cache)[: len(cache) - CACHE_KEYS // 2]:
+                cache.pop(key, None)
 
     def get(self, key: str) -> int | None:
         row = int(self.lookup([key])[0][0])
