@@ -242,10 +242,10 @@ class SparseFM(base.Classifier):
     def _encode(self, xs: Iterable[Mapping[str, Any]], learning: bool = False) -> _Encoded:
         """Encode a batch: absent keys get row -1 and are listed in ``misses``; but ``learning``
         while every key is admitted and none evicted, absent keys get new rows at once."""
-        if learning and self._bucket is None and self.max_features is None and self.min_count <= 1:
-            if not self._free:
-                keys, vals, offsets, _ = encode_batch(xs, None)
-                return self._add_keys(keys), vals, offsets, []
+        unbounded = self.max_features is None and self.min_count <= 1
+        if learning and unbounded and self._bucket is None and not self._free:
+            keys, vals, offsets, _ = encode_batch(xs, None)
+            return self._add_keys(keys), vals, offsets, []
         return encode_rows(xs, self._index, self._bucket)
 
     def _encode_one(self, x: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
