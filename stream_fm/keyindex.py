@@ -21,7 +21,6 @@ call to the table at all. Batches go to the table directly: one call serves thou
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -44,15 +43,9 @@ def encode_keys(keys: Sequence[str] | Iterable[str]) -> tuple[np.ndarray, np.nda
 
     Any string round-trips through :func:`decode_keys`, lone surrogates included.
     """
-    keys = keys if isinstance(keys, list) else list(keys)
-    joined = "".join(keys)
-    if joined.isascii():  # the common case: one encode, and lengths in characters are in bytes
-        lengths: Iterable[int] = map(len, keys)
-        data = joined.encode("ascii")
-    else:
-        blobs = [k.encode("utf-8", "surrogatepass") for k in keys]
-        lengths, data = map(len, blobs), b"".join(blobs)
-    offsets = np.fromiter(itertools.accumulate(lengths, initial=0), np.int64, len(keys) + 1)
+    data, lengths = pack_keys(keys if isinstance(keys, list) else list(keys))
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(np.frombuffer(lengths, np.uint8) if isinstance(lengths, bytes) else lengths, out=offsets[1:])
     return np.frombuffer(data, np.uint8), offsets
 
 
