@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from stream_fm.errors import FeatureError, StreamFMError
-from stream_fm.features import encode_into
+from stream_fm.features import check
 
 __all__ = ["REASONS", "BadEvent", "Click", "Impression", "Sample", "decode", "validate_features"]
 
@@ -91,26 +91,14 @@ def decode(value: bytes | None, max_bytes: int = 1 << 20) -> Event:
 def validate_features(features: Any) -> dict[str, Any]:
     """``features`` if the model can encode it, else :class:`BadEvent` naming the field.
 
-    Checks the types JSON produces quickly, and hands anything unusual to the model's own
-    encoder, so the rules live in one place (:func:`stream_fm.features.encode_into`).
+    The model's own encoder checks it (:func:`stream_fm.features.check`): the rules live in one place.
     """
     if type(features) is not dict:
         raise BadEvent("schema", f'"features" must be an object, got {type(features).__name__}')
-    for field, value in features.items():
-        t = type(value)
-        if (
-            t is str
-            or t is bool
-            or (t is float and value - value == 0.0)
-            or (t is int and -(2**53) <= value <= 2**53)
-        ):
-            continue
-        if t is list and all(type(item) is str for item in value):
-            continue
-        try:
-            encode_into({field: value}, None, [], [], [])
-        except FeatureError as e:
-            raise BadEvent("feature", str(e)) from None
+    try:
+        check(features)
+    except FeatureError as e:
+        raise BadEvent("feature", str(e)) from None
     return features
 
 

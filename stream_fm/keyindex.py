@@ -11,12 +11,9 @@ Keys reach the compiled side as a batch of UTF-8 bytes (:func:`pack_keys`), and 
 them back to back plus offsets (:func:`encode_keys`), so a snapshot's keys load without a Python
 string each.
 
-For one sample at a time, a call into compiled code (about a microsecond) is a large part of the
-cost, so in front of the table sits ``cached``, a dict of at most ``CACHE_KEYS`` keys recently
-found by :meth:`KeyIndex.resolve`: a one-sample encoder looks keys up there first, at dict speed,
-and only those it lacks go to the table. With Zipf-distributed ids nearly every lookup is a hit;
-while the cache holds every key of the index (a small model), a key it lacks is absent, with no
-call to the table at all. Batches go to the table directly: one call serves thousands of keys.
+Compiled callers that are not handed the arrays one by one (the per-sample kernels of
+:mod:`stream_fm.fastpath`) find them through ``KeyIndex.pointers``: their addresses and sizes, kept
+current by every method that replaces an array.
 """
 
 from __future__ import annotations
@@ -30,10 +27,13 @@ import numpy as np
 
 from stream_fm._kernels import _splitmix64
 
-__all__ = ["KeyIndex", "add_keys", "decode_keys", "encode_keys", "gather_keys", "pack_keys"]
+__all__ = ["KeyIndex", "add_keys", "decode_keys", "encode_keys", "gather_keys", "keys_at", "pack_keys"]
 
 _EMPTY = -1
-CACHE_KEYS = 1 << 16
+# ``KeyIndex.pointers``: the salt, then each array's address and length
+I_SALT, I_TABLE, I_SLOTS, I_START, I_ROWS, I_LENGTH, I_TAG, I_ARENA, I_ARENA_BYTES, I_SIZES, I_SIZE = range(
+    11
+)
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
 
@@ -59,9 +59,9 @@ def decode_keys(data: np.ndarray, offsets: np.ndarray) -> list[str]:
 class KeyIndex:
     """Feature key -> row, for rows given out by the caller (the model), below 2**31.
 
-    ``lookup`` and ``resolve`` only read the table (``resolve`` fills the cache); :func:`add_keys`,
-    ``insert`` and ``remove`` change it. Row ``r`` holds its key at
-    ``arena[start[r] : start[r] + length[r]]``; a row without a key has length -1.
+    ``lookup`` only reads the table; :func:`add_keys`, ``insert`` and ``remove`` change it. Row
+    ``r`` holds its key at ``arena[start[r] : start[r] + length[r]]``; a row without a key has
+    length -1.
     """
 
     def __init__(self, rows: int = 1024, salt: int | None = None) -> None:
@@ -74,10 +74,20 @@ class KeyIndex:
         self._tag = np.zeros(rows, np.uint32)  # high bits of the key's hash: most probes stop here
         self._arena = np.zeros(1 << 16, np.uint8)
         self._sizes = np.zeros(3, np.int64)  # [keys, arena bytes used, arena bytes of removed keys]
-        self.cached: dict[str, int] = {}  # key -> row for keys recently found: never a stale row
+        self.pointers = np.zeros(I_SIZE, np.int64)
+        self._publish()
 
     def __len__(self) -> int:
         return int(self._sizes[0])
+
+    # a copy (copy.deepcopy, river's clone) gets pointers to its own arrays, never the original's
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "pointers"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.pointers = np.zeros(I_SIZE, np.int64)
+        self._publish()
 
     # where the key of row r is: arena[key_start[r] : key_start[r] + key_length[r]] (read-only)
     @property
@@ -100,42 +110,18 @@ class KeyIndex:
 
     def lookup(self, keys: list[str]) -> tuple[np.ndarray, list[int]]:
         """The rows of ``keys`` (int64; -1 where absent), and the positions of the absent ones."""
-        data, lengths = pack_keys(keys)
-        out = np.empty(2 * len(keys), np.int64)  # rows, then the positions of the absent keys
-        n = len(keys)
+        return self.lookup_packed(*pack_keys(keys))
+
+    def lookup_packed(
+        self, data: bytes | np.ndarray, lengths: bytes | np.ndarray
+    ) -> tuple[np.ndarray, list[int]]:
+        """:meth:`lookup` for keys packed as UTF-8 bytes back to back and their lengths."""
+        n = len(lengths)
+        out = np.empty(2 * n, np.int64)  # rows, then the positions of the absent keys
         absent = _lookup(
             data, lengths, self._salt, self._table, self._start, self._length, self._tag, self._arena, out
         )
         return out[:n], out[n : n + absent].tolist() if absent else []
-
-    def resolve(self, rows: list[int] | np.ndarray, misses: list[tuple[int, str]]) -> list[tuple[int, str]]:
-        """Look up the keys the cache lacked (``misses``: (position, key)): fills ``rows`` at the
-        positions of those found, and caches them; returns the (position, key) of the absent."""
-        if len(self.cached) == len(self):  # the cache holds every key: the misses are absent
-            return misses
-        found, absent = self.lookup([key for _, key in misses])
-        if len(absent) == len(misses):
-            return misses
-        cache = self.cached
-        for (j, key), row in zip(misses, found.tolist(), strict=True):
-            if row >= 0:
-                rows[j] = row
-                cache[key] = row
-        self._trim()
-        return [misses[i] for i in absent]
-
-    def remember(self, keys: list[str], rows: list[int]) -> None:
-        """Cache keys just given rows."""
-        self.cached.update(zip(keys, rows, strict=True))
-        self._trim()
-
-    def _trim(self) -> None:
-        cache = self.cached
-        if len(cache) > CACHE_KEYS:  # keep the newer half (a dict keeps insertion order)
-            # list(dict) is one C call, so other threads (a shared Predictor) may add keys
-            # meanwhile without breaking an iteration; pop, as one of them may trim too
-            for key in list(cache)[: len(cache) - CACHE_KEYS // 2]:
-                cache.pop(key, None)
 
     def get(self, key: str) -> int | None:
         row = int(self.lookup([key])[0][0])
@@ -185,7 +171,6 @@ class KeyIndex:
         bad = self._insert(*pack_keys(keys), rows)
         if bad >= 0:
             raise KeyError(f"key {keys[bad]!r} is already in the index")
-        self.remember(keys, rows.tolist())
 
     def _insert(self, data: bytes | np.ndarray, lengths: bytes | np.ndarray, rows: np.ndarray) -> int:
         n = len(lengths)
@@ -200,8 +185,6 @@ class KeyIndex:
     def remove(self, rows: Sequence[int] | np.ndarray) -> list[str]:
         """Remove the keys of ``rows``; returns them."""
         keys = [self.key_of(int(r)) for r in rows]
-        for key in keys:
-            self.cached.pop(key, None)  # type: ignore[arg-type]
         _remove(np.asarray(rows, np.int64), self._salt, self._table, self._start, self._length, self._tag,
                 self._arena, self._sizes)  # fmt: skip
         used, dead = int(self._sizes[1]), int(self._sizes[2])
@@ -230,10 +213,11 @@ class KeyIndex:
 
     def _reserve_rows(self, n: int) -> None:
         if n > self._start.shape[0]:
-            size = max(n, 2 * self._start.shape[0])
+            size = max(n, self._start.shape[0] * 3 // 2)  # half as much again, as the model's slabs
             self._start = _grown(self._start, size, 0)
             self._length = _grown(self._length, size, -1)
             self._tag = _grown(self._tag, size, 0)
+            self._publish()
 
     def _reserve_bytes(self, n: int) -> None:
         if int(self._sizes[1]) + n > self._arena.shape[0]:
@@ -241,10 +225,11 @@ class KeyIndex:
 
     def _new_arena(self, need: int) -> None:
         """A new arena of at least ``need`` bytes holding only the live keys, in row order."""
-        arena = np.zeros(max(1 << 16, 2 * need), np.uint8)
+        arena = np.zeros(max(1 << 16, need + need // 2), np.uint8)
         self._sizes[1] = _compact(self._start, self._length, self._arena, arena)
         self._sizes[2] = 0
         self._arena = arena
+        self._publish()
 
     def _reserve_slots(self, keys: int) -> None:
         """Keep the table at most half full for ``keys`` keys."""
@@ -254,6 +239,19 @@ class KeyIndex:
                 size *= 2
             self._table = np.full(size, _EMPTY, np.int32)
             _rebuild(self._salt, self._table, self._start, self._length, self._arena)
+            self._publish()
+
+    def _publish(self) -> None:
+        """Write the arrays' addresses into ``pointers``: after every change of an array."""
+        p = self.pointers
+        p[I_SALT] = self._salt.view(np.int64)
+        for slot, a in ((I_TABLE, self._table), (I_START, self._start), (I_ARENA, self._arena)):
+            p[slot], p[slot + 1] = a.ctypes.data, a.shape[0]
+        p[I_LENGTH], p[I_TAG], p[I_SIZES] = (
+            self._length.ctypes.data,
+            self._tag.ctypes.data,
+            self._sizes.ctypes.data,
+        )
 
 
 def pack_keys(keys: list[str]) -> tuple[bytes, bytes | np.ndarray]:
@@ -270,6 +268,15 @@ def pack_keys(keys: list[str]) -> tuple[bytes, bytes | np.ndarray]:
         return data, bytes(map(len, parts))
     except ValueError:  # a key of 256 bytes or more
         return data, np.fromiter(map(len, parts), np.int64, len(parts))
+
+
+def keys_at(data: bytes | np.ndarray, lengths: np.ndarray, positions: list[int]) -> list[str]:
+    """The packed keys at ``positions`` (sorted), as strings."""
+    if not positions:
+        return []
+    ends = np.cumsum(lengths)
+    raw = bytes(data) if not isinstance(data, bytes) else data
+    return [raw[ends[j] - lengths[j] : ends[j]].decode("utf-8", "surrogatepass") for j in positions]
 
 
 def _grown(a: np.ndarray, size: int, fill: int) -> np.ndarray:

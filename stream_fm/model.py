@@ -2,28 +2,27 @@
 
 Parameters live in growable numpy slabs (``w``, ``V`` and the optimizer's state), one row per
 feature; a :class:`~stream_fm.keyindex.KeyIndex` maps each feature key (``"ad=a17"``) to its row.
-The Python side encodes samples and manages rows; the arithmetic runs in compiled kernels
-(``_kernels.py``).
+Samples are encoded in C (``_encode.c``); the Python side manages rows; the arithmetic runs in
+compiled kernels (``_kernels.py``). One sample at a time goes from the C encoder to the kernels
+directly (``fastpath.py``): no Python call in between.
 """
 
 from __future__ import annotations
 
 import itertools
 import sys
-import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-import numba as nb
 import numpy as np
 from river import base
 
-from stream_fm import _kernels
+from stream_fm import _encode, _kernels, fastpath
 from stream_fm.errors import ConfigError, LabelError
-from stream_fm.features import encode_batch, encode_into
-from stream_fm.keyindex import KeyIndex, add_keys, decode_keys, encode_keys, gather_keys, pack_keys
+from stream_fm.features import encode_batch
+from stream_fm.keyindex import KeyIndex, decode_keys, encode_keys, gather_keys, keys_at, pack_keys
 
-__all__ = ["SparseFM", "StateCapture", "bucket_lookup", "encode_rows", "encode_rows_one"]
+__all__ = ["SparseFM", "StateCapture", "encode_rows"]
 
 _OPTIMIZERS = {"sgd": _kernels.OPT_SGD, "adagrad": _kernels.OPT_ADAGRAD}
 _ADAGRAD_EPS = 1e-8
@@ -31,7 +30,7 @@ _STATE_FORMAT = 1
 _UNTOUCHED = -1
 
 # (rows, x values, CSR offsets, (position, key) of keys the index lacks)
-_Encoded = tuple[np.ndarray | list[int], list[float], list[int], list[tuple[int, str]]]
+_Encoded = tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[int, str]]]
 
 
 class SparseFM(base.Classifier):
@@ -135,11 +134,14 @@ class SparseFM(base.Classifier):
             )
 
         self._opt = _OPTIMIZERS[optimizer]
-        self._hp = np.array([self.learning_rate, self.l2_w, self.l2_v, self.clip_gradient, _ADAGRAD_EPS])
+        hp = [self.learning_rate, self.l2_w, self.l2_v, self.clip_gradient, _ADAGRAD_EPS, self.init_std]
+        self._hp = np.array(hp)  # _kernels.HP_* then fastpath.HP_STD
         self._seed64 = np.uint64(self.seed)
-        self._bucket = None if self.hash_bits is None else bucket_lookup(self.seed, self.hash_bits)
-        self._counts = np.zeros(2, np.int64)  # [skipped, newly trained rows]: written by kernels
-        self.samples_seen = 0
+        self._hashing = (
+            None if self.hash_bits is None else (fastpath.hash_salt(self.seed), (1 << self.hash_bits) - 1)
+        )
+        # [skipped, newly trained rows, samples seen, rows handed out]: written by kernels
+        self._counts = np.zeros(4, np.int64)
         self.n_evicted = 0
         self.n_rejected = 0
         self._bias = np.zeros(2)  # [w0, AdaGrad accumulator of w0]
@@ -148,14 +150,10 @@ class SparseFM(base.Classifier):
         self._fresh: dict[str, int] = {}
         self._free: list[int] = []
         self._pending: dict[str, int] = {}  # min_count admission: key -> sightings so far
-        # The per-sample path: the encoding of the last sample predicted, reused by learn_one
-        # when the caller then learns that same, unchanged dict (progressive validation, the
-        # worker's pattern), while the index is unchanged (``_generation`` counts its changes).
-        self._recent: tuple[Any, ...] | None = None
-        self._generation = 0
-        self._one_offsets = np.zeros(2, np.int64)
-        self._one_label = np.zeros(1)
-        self._one_out = np.zeros(1)
+        # where the per-sample kernels find the arrays (fastpath.publish keeps it current)
+        self._pointers = fastpath.pointer_table()
+        self._address = self._pointers.ctypes.data
+        self._bound_to = self
         if self.hash_bits is None:
             self._n_rows = 0
             self._alloc(1024)
@@ -167,7 +165,40 @@ class SparseFM(base.Classifier):
             seeds = _kernels.bucket_seeds(self._n_rows, self._seed64)
             _kernels.init_rows(self._V, buckets, seeds, self.init_std)
 
+    # A copy needs a pointer table of its own: the original's points at the original's arrays.
+    # copy.deepcopy comes through __setstate__; river's clone(include_attributes=True) copies
+    # attribute by attribute, which the per-sample methods notice (``_bound_to`` is not self).
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_pointers", "_address", "_bound_to")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._bind()
+
+    def _bind(self) -> None:
+        self._pointers = fastpath.pointer_table()
+        self._address = self._pointers.ctypes.data
+        self._bound_to = self
+        self._publish()
+
     # ------------------------------------------------------------------ public API
+
+    @property
+    def samples_seen(self) -> int:
+        return int(self._counts[fastpath.C_SAMPLES])
+
+    @samples_seen.setter
+    def samples_seen(self, n: int) -> None:
+        self._counts[fastpath.C_SAMPLES] = n
+
+    @property
+    def _n_rows(self) -> int:
+        """Rows handed out: the next new key gets this row (unless a row is free)."""
+        return int(self._counts[fastpath.C_ROWS])
+
+    @_n_rows.setter
+    def _n_rows(self, n: int) -> None:
+        self._counts[fastpath.C_ROWS] = n
 
     @property
     def n_skipped(self) -> int:
@@ -204,8 +235,9 @@ class SparseFM(base.Classifier):
 
     def predict_proba_one(self, x: Mapping[str, Any], **kwargs: Any) -> dict[bool, float]:
         """``{False: 1 - p, True: p}``. Pure: unseen features contribute 0 and nothing is stored."""
-        rows, vals, _ = self._encode_one(x)
-        p = _kernels.predict_one(rows, vals, self._bias, self._w, self._V, self._last)
+        if self._bound_to is not self:
+            self._bind()
+        p = _encode.predict_one(x, self._address)
         return {False: 1.0 - p, True: p}
 
     def predict_one(self, x: Mapping[str, Any], **kwargs: Any) -> bool:
@@ -218,14 +250,16 @@ class SparseFM(base.Classifier):
     def learn_one(self, x: Mapping[str, Any], y: Any) -> None:
         """Update the model with one sample. Returns None, as river's estimators do."""
         label = _label(y)
-        rows, vals, misses = self._encode_one(x)
-        self._recent = None  # the rows are about to change
-        if misses:
+        if self._bound_to is not self:
+            self._bind()
+        rest = _encode.learn_one(x, label, self._address)
+        if rest is not None:  # keys to admit (a bounded model) or no room left: the Python path
+            rows, vals, misses = rest
+            rows = np.array(rows, np.int64)
             # one sample: nothing before it to train when an eviction needs a flush
             self._insert_missing(rows, [0, len(rows)], misses, lambda stop: None)
-        self._one_offsets[1] = len(rows)
-        self._one_label[0] = label
-        self._train(rows, vals, self._one_offsets, self._one_label, self._one_out, 0, 1)
+            offsets = np.array([0, len(rows)], np.int64)
+            self._train(rows, np.array(vals, np.float64), offsets, np.array([label]), np.empty(1), 0, 1)
 
     def learn_batch(self, xs: Sequence[Mapping[str, Any]], ys: Iterable[Any]) -> np.ndarray:
         """Learn samples in order; return each one's probability predicted *before* its update.
@@ -242,34 +276,10 @@ class SparseFM(base.Classifier):
     def _encode(self, xs: Iterable[Mapping[str, Any]], learning: bool = False) -> _Encoded:
         """Encode a batch: absent keys get row -1 and are listed in ``misses``; but ``learning``
         while every key is admitted and none evicted, absent keys get new rows at once."""
-        unbounded = self.max_features is None and self.min_count <= 1
-        if learning and unbounded and self._bucket is None and not self._free:
-            keys, vals, offsets, _ = encode_batch(xs, None)
-            return self._add_keys(keys), vals, offsets, []
-        return encode_rows(xs, self._index, self._bucket)
-
-    def _encode_one(self, x: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
-        """One sample as (rows, x values, misses), without ``_encode``'s batch bookkeeping.
-
-        The result is remembered: asked again for the same dict, still equal to a copy taken now
-        and with the index unchanged since, it is returned without encoding again. The copy holds
-        copies of the dict's lists (multi-hot values), so a list changed in place is seen too.
-        """
-        recent = self._recent
-        if (
-            recent is not None
-            and recent[0] is x
-            and recent[1] == self._generation
-            and x == recent[2]  # the same values (a list value: the same list object) ...
-            and recent[6] == recent[7]  # ... and each list value still as it was
-        ):
-            return recent[3], recent[4], recent[5]
-        r, v, misses, lists = encode_rows_one(x, self._index, self._bucket)
-        if type(x) is dict:
-            self._recent = (x, self._generation, x.copy(), r, v, misses, lists, [a[:] for a in lists])
-        else:
-            self._recent = None
-        return r, v, misses
+        if learning and self._pointers[fastpath.M_MODE] == fastpath.MODE_ADD:
+            data, lengths, vals, offsets = encode_batch(xs)
+            return self._add_keys(data, lengths), vals, offsets, []
+        return encode_rows(xs, self._index, self._hashing)
 
     # ------------------------------------------------------------------ prediction
 
@@ -277,9 +287,9 @@ class SparseFM(base.Classifier):
         rows, vals, offsets, _ = encoded
         out = np.empty(len(offsets) - 1)
         _kernels.predict(
-            np.array(rows, np.int64),
-            np.array(vals, np.float64),
-            np.array(offsets, np.int64),
+            np.asarray(rows, np.int64),
+            vals,
+            offsets,
             self._bias,
             self._w,
             self._V,
@@ -294,14 +304,12 @@ class SparseFM(base.Classifier):
         rows, vals, offsets, misses = encoded
         n = len(offsets) - 1
         out = np.empty(n)
-        vals_a = np.array(vals, np.float64)
-        offs_a = np.array(offsets, np.int64)
         done = 0  # samples [0, done) are trained
 
         def train_until(stop: int) -> None:
             nonlocal done
             if stop > done:
-                self._train(rows, vals_a, offs_a, labels, out, done, stop)
+                self._train(rows, vals, offsets, labels, out, done, stop)
                 done = stop
 
         if misses:
@@ -311,7 +319,7 @@ class SparseFM(base.Classifier):
 
     def _train(
         self,
-        rows: list[int] | np.ndarray,
+        rows: np.ndarray,
         vals: np.ndarray,
         offsets: np.ndarray,
         labels: np.ndarray,
@@ -333,8 +341,8 @@ class SparseFM(base.Classifier):
 
     def _insert_missing(
         self,
-        rows: list[int] | np.ndarray,
-        offsets: list[int],
+        rows: np.ndarray,
+        offsets: Sequence[int] | np.ndarray,
         misses: list[tuple[int, str]],
         train_until: Callable[[int], None],
     ) -> None:
@@ -345,11 +353,9 @@ class SparseFM(base.Classifier):
         if self.max_features is None and self.min_count <= 1:
             # unbounded: every key is admitted and nothing is evicted, so no flush is needed
             if not self._free:  # new rows in one compiled pass: a cold batch repeats its new keys
-                keys = [key for _, key in misses]
-                added = self._add_keys(keys).tolist()
-                for (j, _), row in zip(misses, added, strict=True):
+                added = self._add_keys(*pack_keys([key for _, key in misses]))
+                for (j, _), row in zip(misses, added.tolist(), strict=True):
                     rows[j] = row
-                self._index.remember(keys, added)
                 return
             get = self._fresh.get
             for j, key in misses:
@@ -411,40 +417,37 @@ class SparseFM(base.Classifier):
                 del self._pending[old]
         return False
 
-    def _add_keys(self, keys: list[str]) -> np.ndarray:
-        """The rows of ``keys`` when every key is admitted and none evicted (unbounded, no free
-        row): the absent ones get new rows in order of first appearance, as ``_new_row`` gives
-        them, in one compiled pass that also starts them afresh (``_add_rows``)."""
-        data, lengths = pack_keys(keys)
-        rows = np.empty(len(keys), np.int64)
-        first = next_row = self._n_rows
+    def _add_keys(self, data: bytes | np.ndarray, lengths: bytes | np.ndarray) -> np.ndarray:
+        """The rows of the packed keys when every key is admitted and none evicted (unbounded,
+        no free row): the absent ones get new rows in order of first appearance, as ``_new_row``
+        gives them, in one compiled pass that also starts them afresh (``fastpath.add_rows``)."""
+        n_keys = len(lengths)
+        rows = np.empty(n_keys, np.int64)
+        next_row = self._n_rows
         done = 0
         while True:
-            done, next_row = _add_rows(
+            done, next_row = fastpath.add_rows(
                 data, lengths, done, next_row, self._w.shape[0], rows, *self._index.add_args,
                 self._seed64, self.init_std, self._w, self._V, self._gw, self._gV, self._last,
             )  # fmt: skip
-            if done == len(keys):
+            if done == n_keys:
                 break
             # out of room: grow what is short (the first call of a batch finds it, then one more)
             if next_row == self._w.shape[0]:
-                self._alloc(2 * self._w.shape[0])
-            left = len(keys) - done
+                self._alloc(_grown(self._w.shape[0]))
+            left = n_keys - done
             self._index.make_room(left, len(data), min(next_row + left, self._w.shape[0]))
-        if next_row > first:
-            self._n_rows = next_row
-            self._generation += 1
+        self._n_rows = next_row
         return rows
 
     def _new_row(self, key: str) -> int:
         """Give ``key`` a row; ``_init_new`` enters it in the index and sets its parameters."""
-        self._generation += 1
         if self._free:
             row = self._free.pop()
         else:
             row = self._n_rows
             if row == self._w.shape[0]:
-                self._alloc(2 * row)
+                self._alloc(_grown(row))
             self._n_rows += 1
         self._fresh[key] = row
         return row
@@ -482,7 +485,6 @@ class SparseFM(base.Classifier):
         rows = sorted(int(r) for r in chosen if stamps[r] != top)
         evicted = dict(zip(rows, self._index.remove(rows), strict=True))
         self._free.extend(rows)
-        self._generation += 1
         self.n_evicted += len(evicted)
         return evicted
 
@@ -504,6 +506,23 @@ class SparseFM(base.Classifier):
         self._gw = grow(getattr(self, "_gw", None), (capacity if adagrad else 0,), 0.0)
         self._gV = grow(getattr(self, "_gV", None), (capacity if adagrad else 0, k), 0.0)
         self._last = grow(getattr(self, "_last", None), (capacity,), _UNTOUCHED)
+        self._publish()
+
+    def _publish(self) -> None:
+        """Point the per-sample kernels at the current arrays (after any of them changes) and
+        tell them how to find rows: adding absent keys themselves only while every key is
+        admitted and none evicted (else ``learn_one`` takes the Python path for new keys)."""
+        if self.hash_bits is not None:
+            mode = fastpath.MODE_HASH
+        elif self.max_features is None and self.min_count <= 1 and not self._free:
+            mode = fastpath.MODE_ADD
+        else:
+            mode = fastpath.MODE_LOOKUP
+        fastpath.publish(
+            self._pointers, bias=self._bias, w=self._w, V=self._V, gw=self._gw, gV=self._gV, last=self._last,
+            counts=self._counts, hp=self._hp, index=self._index, opt=self._opt, mode=mode, seed=self.seed,
+            hash_bits=self.hash_bits,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ state export / import
 
@@ -616,7 +635,8 @@ class SparseFM(base.Classifier):
         model.samples_seen = int(meta["samples_seen"])
         model.n_evicted = int(meta["n_evicted"])
         model.n_rejected = int(meta["n_rejected"])
-        model._counts[:] = [int(meta["n_skipped"]), int(meta["n_trained_rows"])]
+        model._counts[:2] = [int(meta["n_skipped"]), int(meta["n_trained_rows"])]
+        model._publish()  # a new index, free rows
         return model
 
     # river: parameters for clone() / repr
@@ -666,57 +686,25 @@ class StateCapture:
         return arrays, dict(self.meta)
 
 
-@nb.njit(cache=True, error_model="numpy")
-def _add_rows(data, lengths, done, next_row, row_stop, out, salt, table, start, length, tag, arena, sizes,
-              seed, std, w, V, gw, gV, last):  # fmt: skip
-    """:func:`~stream_fm.keyindex.add_keys`, then the new rows started afresh: one call for the
-    two, as new keys arrive a few at a time."""
-    first = next_row
-    done, next_row = add_keys(
-        data, lengths, done, next_row, row_stop, out, salt, table, start, length, tag, arena, sizes
-    )
-    if next_row > first:
-        _kernels.reset_rows(np.arange(first, next_row), start, length, arena, seed, std, w, V, gw, gV, last)
-    return done, next_row
-
-
 def encode_rows(
-    xs: Iterable[Mapping[str, Any]], index: KeyIndex, bucket: Callable[[str], int] | None
+    xs: Iterable[Mapping[str, Any]], index: KeyIndex, hashing: tuple[int, int] | None
 ) -> _Encoded:
-    """Feature dicts -> (rows, x values, CSR offsets, misses): keys are parsed in Python, then
-    looked up in ``index`` all at once (or hashed by ``bucket``, if given); ``misses`` are the
-    (position, key) of the keys absent (row -1)."""
-    if bucket is not None:
-        return encode_batch(xs, bucket)
-    keys, vals, offsets, _ = encode_batch(xs, None)
-    rows, absent = index.lookup(keys)
-    return rows, vals, offsets, [(j, keys[j]) for j in absent]
+    """Feature dicts -> (rows, x values, CSR offsets, misses): keys encoded in C, then looked up
+    in ``index`` all at once (or hashed, if ``hashing`` = (CRC-32 start, mask) is given);
+    ``misses`` are the (position, key) of the keys absent (row -1)."""
+    data, lengths, vals, offsets = encode_batch(xs)
+    if hashing is not None:
+        rows = np.empty(lengths.shape[0], np.int64)
+        fastpath.bucket_rows(data, lengths, hashing[0], hashing[1], rows)
+        return rows, vals, offsets, []
+    rows, absent = index.lookup_packed(data, lengths)
+    return rows, vals, offsets, list(zip(absent, keys_at(data, lengths, absent), strict=True))
 
 
-def encode_rows_one(
-    x: Mapping[str, Any], index: KeyIndex, bucket: Callable[[str], int] | None
-) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]], list[list[Any]]]:
-    """One sample as :func:`encode_rows` makes it, in arrays, and its list values; its keys are
-    looked up in the index's cache as they are parsed, only the rest in the index."""
-    rows: list[int] = []
-    vals: list[float] = []
-    misses: list[tuple[int, str]] = []
-    lists = encode_into(x, index.cached.get if bucket is None else bucket, rows, vals, misses)
-    if misses:
-        misses = index.resolve(rows, misses)
-    return np.array(rows, np.int64), np.array(vals, np.float64), misses, lists
-
-
-def bucket_lookup(seed: int, hash_bits: int) -> Callable[[str], int]:
-    """Hashing mode's key -> row: CRC-32 of the key's UTF-8 bytes, started from the CRC-32 of the
-    seed (8 bytes, little-endian), keeping the low ``hash_bits`` bits."""
-    salt = zlib.crc32(seed.to_bytes(8, "little"))
-    mask = (1 << hash_bits) - 1
-
-    def bucket(key: str) -> int:
-        return zlib.crc32(key.encode("utf-8", "surrogatepass"), salt) & mask
-
-    return bucket
+def _grown(capacity: int) -> int:
+    """The next capacity of the parameter slabs: half as much again (amortised O(1) growth that
+    leaves at most a third of the memory unused, where doubling may leave half)."""
+    return capacity + capacity // 2
 
 
 def _copy_rows(a: np.ndarray, n: int, buffers: dict[str, np.ndarray] | None, name: str) -> np.ndarray:

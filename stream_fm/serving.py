@@ -18,16 +18,16 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stream_fm import _kernels, snapshot
+from stream_fm import _encode, _kernels, fastpath, snapshot
 from stream_fm.errors import SnapshotError
 from stream_fm.keyindex import KeyIndex
-from stream_fm.model import bucket_lookup, encode_rows, encode_rows_one
+from stream_fm.model import encode_rows
 
 __all__ = ["Predictor", "Watcher", "load"]
 
@@ -64,16 +64,27 @@ class Predictor:
         try:
             self._bias = np.array(a["bias"], np.float64)
             # np.asarray: a plain ndarray view of the memory map, which the kernels accept
-            self._w, self._V, self._last = (np.asarray(a[k]) for k in ("w", "V", "last"))
-            self._bucket: Callable[[str], int] | None = None
-            if config["hash_bits"] is None:
+            self._w, self._V, self._last = (np.ascontiguousarray(a[k]) for k in ("w", "V", "last"))
+            seed, hash_bits = int(config["seed"]), config["hash_bits"]
+            self._hashing: tuple[int, int] | None = None
+            if hash_bits is None:
                 free = np.asarray(a["free"]).tolist()
                 self._index = KeyIndex.from_keys(
                     np.asarray(a["key_bytes"]), np.asarray(a["key_offsets"]), free
                 )
             else:
                 self._index = KeyIndex(rows=1)
-                self._bucket = bucket_lookup(config["seed"], config["hash_bits"])
+                self._hashing = (fastpath.hash_salt(seed), (1 << int(hash_bits)) - 1)
+            # the per-sample kernel's view of these arrays (it only reads them)
+            self._pointers = fastpath.pointer_table()
+            empty = np.zeros((0, self._V.shape[1]))
+            fastpath.publish(
+                self._pointers, bias=self._bias, w=self._w, V=self._V, gw=np.zeros(0), gV=empty,
+                last=self._last, counts=np.zeros(4, np.int64), hp=np.zeros(fastpath.HP_STD + 1),
+                index=self._index, opt=0, seed=seed, hash_bits=hash_bits,
+                mode=fastpath.MODE_LOOKUP if hash_bits is None else fastpath.MODE_HASH,
+            )  # fmt: skip
+            self._address = self._pointers.ctypes.data
         except (KeyError, TypeError, ValueError) as e:
             raise SnapshotError(snap.path, f"model state is incomplete or inconsistent: {e!r}") from e
 
@@ -83,17 +94,13 @@ class Predictor:
 
     def predict(self, x: Mapping[str, Any]) -> float:
         """The click probability of one feature dict (a ``ValueError`` names a bad field)."""
-        rows, vals, _, _ = encode_rows_one(x, self._index, self._bucket)
-        return _kernels.predict_one(rows, vals, self._bias, self._w, self._V, self._last)
+        return _encode.predict_one(x, self._address)
 
     def predict_batch(self, xs: Iterable[Mapping[str, Any]]) -> np.ndarray:
         """Click probabilities for many feature dicts."""
-        rows, vals, offsets, _ = encode_rows(xs, self._index, self._bucket)
+        rows, vals, offsets, _ = encode_rows(xs, self._index, self._hashing)
         out = np.empty(len(offsets) - 1)
-        _kernels.predict(
-            np.array(rows, np.int64), np.array(vals, np.float64), np.array(offsets, np.int64),
-            self._bias, self._w, self._V, self._last, out,
-        )  # fmt: skip
+        _kernels.predict(rows, vals, offsets, self._bias, self._w, self._V, self._last, out)
         return out
 
     def __repr__(self) -> str:

@@ -11,7 +11,7 @@ import pytest
 from helpers import categorical_stream, state_equal
 from river import facto, linear_model, metrics, optim
 
-from stream_fm import ConfigError, FeatureError, LabelError, SparseFM, keyindex
+from stream_fm import ConfigError, FeatureError, LabelError, SparseFM, fastpath
 
 # ---------------------------------------------------------------- helpers: a plain FM, written out
 
@@ -181,37 +181,22 @@ def test_learn_batch_equals_the_per_sample_loop(params):
         assert loop.n_rejected > 0
 
 
-@pytest.mark.parametrize(
-    "params",
-    [{}, {"max_features": 60}, {"min_count": 3, "admission_capacity": 40}],
-    ids=["unbounded", "max_features", "min_count"],
-)
-def test_the_key_cache_is_a_speed_up_only(params, monkeypatch):
-    """A model whose key index caches 4 keys (so that nearly every lookup goes to the compiled
-    table, and new keys are added there) learns the same model, bit for bit."""
-    stream = categorical_stream(1500, seed=2)
-    xs, ys = [x for x, _ in stream], [y for _, y in stream]
-
-    def run(batched: bool) -> tuple[SparseFM, list[float]]:
-        model = SparseFM(seed=9, **params)
-        if batched:
-            return model, [
-                p for i in range(0, 1500, 256) for p in model.learn_batch(xs[i : i + 256], ys[i : i + 256])
-            ]
-        out = []
-        for x, y in stream:
-            out.append(model.predict_proba_one(x)[True])
-            model.learn_one(x, y)
-        return model, out
-
-    reference, expected = run(batched=False)
-    assert len(reference._index.cached) == reference.n_features  # the default cache holds every key
-    monkeypatch.setattr(keyindex, "CACHE_KEYS", 4)
-    for batched in (False, True):
-        model, got = run(batched)
-        assert len(model._index.cached) <= 4 < model.n_features
-        assert got == expected
-        assert state_equal(model, reference)
+def test_the_compiled_per_sample_path_equals_the_python_path():
+    """An unbounded model's learn_one adds new keys in compiled code, and hands a sample it
+    cannot finish (the arrays out of room) to the Python path. A model made to take the Python
+    path for every new key learns the same model, bit for bit, predicting the same all along."""
+    stream = [
+        (dict(x, id=f"i{i}", tags=[f"t{i}", f"t{i // 7}"]), y)
+        for i, (x, y) in enumerate(categorical_stream(3000, seed=2))
+    ]
+    fast, slow = SparseFM(seed=9), SparseFM(seed=9)
+    for x, y in stream:
+        slow._pointers[fastpath.M_MODE] = fastpath.MODE_LOOKUP  # (growing the arrays resets it)
+        assert fast.predict_proba_one(x) == slow.predict_proba_one(x)
+        fast.learn_one(x, y)
+        slow.learn_one(x, y)
+    assert fast.n_features > 1024  # past the first allocation: growth happened mid-stream
+    assert state_equal(fast, slow)
 
 
 def test_predicting_changes_nothing():
@@ -406,7 +391,7 @@ def test_a_bad_sample_in_a_batch_learns_nothing():
     ],
 )
 def test_learn_one_sees_a_sample_changed_after_it_was_predicted(before, change):
-    """learn_one reuses the encoding of the sample just predicted only if that dict is unchanged."""
+    """learn_one learns the sample as it is then, not as it was when predicted."""
     model, reference = SparseFM(), SparseFM()
     warm = {"a": "1", "g": ["x"], "n": 2.0}
     for m in (model, reference):
@@ -469,3 +454,27 @@ def test_extreme_values_never_leave_nan_or_inf():
             if a.dtype.kind == "f":
                 assert np.isfinite(a).all(), name
         assert model.n_skipped > 0  # the 1e300 samples overflow: skipped, counted
+
+
+def test_a_copy_learns_on_its_own_arrays():
+    """copy.deepcopy and river's clone(include_attributes=True) give a model whose per-sample path
+    reads and writes its own arrays: learning on the copy leaves the original as it was."""
+    original = SparseFM(seed=3)
+    stream = categorical_stream(400, seed=1)
+    for x, y in stream[:200]:
+        original.learn_one(x, y)
+    before = original.export_state()[0]
+    for twin in (copy.deepcopy(original), original.clone(include_attributes=True)):
+        reference = copy.deepcopy(original)
+        for x, y in stream[200:]:
+            twin.learn_one(x, y)
+            reference.learn_batch([x], [y])
+        assert state_equal(twin, reference)
+        del twin  # its arrays are freed: the original must not point at them
+        after = original.export_state()[0]
+        assert all(np.array_equal(before[k], after[k]) for k in before)
+        x = stream[0][0]
+        assert original.predict_proba_one(x) == {
+            False: 1 - original.predict_proba_batch([x])[0],
+            True: original.predict_proba_batch([x])[0],
+        }
