@@ -14,6 +14,23 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --upgrade pip
 fi
+
+# Debian packages the run needs and the machine lacks (apt-get update only if the first try fails).
+apt_install() {
+  local sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >/dev/null \
+    || { $sudo apt-get update -q >/dev/null \
+      && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@" >/dev/null; }
+}
+
+# A C compiler and the Python headers: installing stream-fm compiles its feature encoder.
+headers=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+if ! command -v cc >/dev/null 2>&1 || [ ! -f "$headers/Python.h" ]; then
+  echo "== installing Debian's gcc and python3-dev"
+  apt_install gcc python3-dev
+fi
+
 echo "== installing stream-fm[test] into $venv"
 "$venv/bin/python" -m pip install --quiet -e "$repo[test]"
 
@@ -25,12 +42,7 @@ echo "== ruff"
 # A real Prometheus (with promtool) for the metrics tests: Debian's package.
 if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
   echo "== installing Debian's prometheus package"
-  sudo=""
-  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
-  install_prometheus() {
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null
-  }
-  install_prometheus || { $sudo apt-get update -q >/dev/null && install_prometheus; }
+  apt_install prometheus
 fi
 
 # A real Kafka broker for the integration tests, from the project's own script (Maven Central jars).
