@@ -214,10 +214,12 @@ class KeyIndex:
     def _reserve_rows(self, n: int) -> None:
         if n > self._start.shape[0]:
             size = max(n, self._start.shape[0] * 3 // 2)  # half as much again, as the model's slabs
+            old = self._start, self._length, self._tag  # alive until no pointer points at them
             self._start = _grown(self._start, size, 0)
             self._length = _grown(self._length, size, -1)
             self._tag = _grown(self._tag, size, 0)
             self._publish()
+            del old
 
     def _reserve_bytes(self, n: int) -> None:
         if int(self._sizes[1]) + n > self._arena.shape[0]:
@@ -226,10 +228,12 @@ class KeyIndex:
     def _new_arena(self, need: int) -> None:
         """A new arena of at least ``need`` bytes holding only the live keys, in row order."""
         arena = np.zeros(max(1 << 16, need + need // 2), np.uint8)
-        self._sizes[1] = _compact(self._start, self._length, self._arena, arena)
+        old = self._arena  # alive until no pointer points at it
+        self._sizes[1] = _compact(self._start, self._length, old, arena)
         self._sizes[2] = 0
         self._arena = arena
         self._publish()
+        del old
 
     def _reserve_slots(self, keys: int) -> None:
         """Keep the table at most half full for ``keys`` keys."""
@@ -237,9 +241,11 @@ class KeyIndex:
             size = self._table.shape[0]
             while size < 2 * keys:
                 size *= 2
-            self._table = np.full(size, _EMPTY, np.int32)
-            _rebuild(self._salt, self._table, self._start, self._length, self._arena)
+            table = np.full(size, _EMPTY, np.int32)
+            _rebuild(self._salt, table, self._start, self._length, self._arena)
+            old, self._table = self._table, table  # the old one alive until no pointer points at it
             self._publish()
+            del old
 
     def _publish(self) -> None:
         """Write the arrays' addresses into ``pointers``: after every change of an array."""

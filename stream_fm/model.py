@@ -84,6 +84,10 @@ class SparseFM(base.Classifier):
         Rows evicted by ``max_features``; sightings of features not (yet) admitted by
         ``min_count``; updates skipped because they would have left NaN/inf in the model.
 
+    A model is meant for one thread: learning while another thread predicts gives no guarantee
+    about the numbers (the arrays it reads never go away under it, though). To share a model
+    between threads, share a :class:`~stream_fm.serving.Predictor` of its snapshot.
+
     Examples
     --------
     >>> from stream_fm import SparseFM
@@ -492,8 +496,9 @@ class SparseFM(base.Classifier):
         """Grow (or create) the parameter slabs to ``capacity`` rows, keeping their contents."""
         k = self.n_factors
         adagrad = self._opt == _kernels.OPT_ADAGRAD
-        old = getattr(self, "_w", None)
-        n_old = 0 if old is None else old.shape[0]
+        # the old arrays stay alive until the pointer table no longer points at them
+        olds = [getattr(self, name, None) for name in ("_w", "_V", "_gw", "_gV", "_last")]
+        n_old = 0 if olds[0] is None else olds[0].shape[0]
 
         def grow(a: np.ndarray | None, shape: tuple[int, ...], fill: float) -> np.ndarray:
             new = np.full(shape, fill, dtype=np.float64 if fill != _UNTOUCHED else np.int64)
@@ -501,12 +506,12 @@ class SparseFM(base.Classifier):
                 new[:n_old] = a
             return new
 
-        self._w = grow(old, (capacity,), 0.0)
-        self._V = grow(getattr(self, "_V", None), (capacity, k), 0.0)
-        self._gw = grow(getattr(self, "_gw", None), (capacity if adagrad else 0,), 0.0)
-        self._gV = grow(getattr(self, "_gV", None), (capacity if adagrad else 0, k), 0.0)
-        self._last = grow(getattr(self, "_last", None), (capacity,), _UNTOUCHED)
+        rows, factors = (capacity,), (capacity, k)
+        shapes = (rows, factors, rows if adagrad else (0,), factors if adagrad else (0, k), rows)
+        fills = (0.0, 0.0, 0.0, 0.0, _UNTOUCHED)
+        self._w, self._V, self._gw, self._gV, self._last = map(grow, olds, shapes, fills)
         self._publish()
+        del olds
 
     def _publish(self) -> None:
         """Point the per-sample kernels at the current arrays (after any of them changes) and
