@@ -49,7 +49,7 @@ __all__ = [
     "MODE_LOOKUP",
     "add_rows",
     "bucket_rows",
-    "hash_salt",
+    "hashing",
     "pointer_table",
     "publish",
 ]
@@ -117,13 +117,15 @@ def publish(
     table[M_GW_ROWS] = gw.shape[0]
     table[M_MODE] = mode
     table[M_SEED] = np.uint64(seed).view(np.int64)
-    table[M_HASH_SALT] = 0 if hash_bits is None else hash_salt(seed)
-    table[M_HASH_MASK] = 0 if hash_bits is None else (1 << hash_bits) - 1
+    table[M_HASH_SALT], table[M_HASH_MASK] = hashing(seed, hash_bits) or (0, 0)
 
 
-def hash_salt(seed: int) -> int:
-    """Hashing mode's CRC-32 start value: the CRC-32 of the seed (8 bytes, little-endian)."""
-    return zlib.crc32(seed.to_bytes(8, "little"))
+def hashing(seed: int, hash_bits: int | None) -> tuple[int, int] | None:
+    """Hashing mode's (CRC-32 start value, mask): a key's row is ``crc32(key, start) & mask``, the
+    start value being the CRC-32 of the seed (8 bytes, little-endian). None without hashing."""
+    if hash_bits is None:
+        return None
+    return zlib.crc32(seed.to_bytes(8, "little")), (1 << hash_bits) - 1
 
 
 # ---------------------------------------------------------------------- compiled

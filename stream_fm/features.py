@@ -33,6 +33,7 @@ import numpy as np
 
 from stream_fm import _encode
 from stream_fm.errors import FeatureError
+from stream_fm.keyindex import keys_at
 
 __all__ = ["ALLOWED", "Packed", "check", "encode_batch", "keys_of"]
 
@@ -76,12 +77,7 @@ def keys_of(x: Mapping[str, Any]) -> list[tuple[str, float]]:
         data, lengths, vals, _ = encode_batch([x])
     except FeatureError as e:
         raise FeatureError(e.field, e.reason) from None
-    ends = np.cumsum(lengths).tolist()
-    raw = data.tobytes()
-    keys = [
-        raw[e - n : e].decode("utf-8", "surrogatepass") for e, n in zip(ends, lengths.tolist(), strict=True)
-    ]
-    return list(zip(keys, vals.tolist(), strict=True))
+    return list(zip(keys_at(data, lengths, range(len(lengths))), vals.tolist(), strict=True))
 
 
 def _as_dict(x: Any) -> dict[str, Any]:

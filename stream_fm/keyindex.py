@@ -261,9 +261,9 @@ class KeyIndex:
 
 
 def pack_keys(keys: list[str]) -> tuple[bytes, bytes | np.ndarray]:
-    """Keys as their UTF-8 bytes joined, and their lengths: the cheapest form CPython can hand to
-    compiled code (this runs for every sample). Lengths are ``bytes`` when no key is over 255
-    bytes long, else an int64 array."""
+    """Python strings as their UTF-8 bytes joined, and their lengths: the form compiled code takes
+    keys in (samples come packed from the C encoder; this serves keys held as strings). Lengths
+    are ``bytes`` when no key is over 255 bytes long, else an int64 array."""
     joined = "".join(keys)
     if joined.isascii():  # lengths in characters are lengths in bytes
         data, parts = joined.encode("ascii"), keys
@@ -276,13 +276,12 @@ def pack_keys(keys: list[str]) -> tuple[bytes, bytes | np.ndarray]:
         return data, np.fromiter(map(len, parts), np.int64, len(parts))
 
 
-def keys_at(data: bytes | np.ndarray, lengths: np.ndarray, positions: list[int]) -> list[str]:
-    """The packed keys at ``positions`` (sorted), as strings."""
-    if not positions:
-        return []
-    ends = np.cumsum(lengths)
-    raw = bytes(data) if not isinstance(data, bytes) else data
-    return [raw[ends[j] - lengths[j] : ends[j]].decode("utf-8", "surrogatepass") for j in positions]
+def keys_at(data: bytes | np.ndarray, lengths: np.ndarray, positions: Iterable[int]) -> list[str]:
+    """The packed keys (UTF-8 bytes back to back, and their lengths) at ``positions``, as strings."""
+    ends = np.cumsum(lengths).tolist()
+    n = np.asarray(lengths).tolist()
+    raw = data if isinstance(data, bytes) else np.asarray(data, np.uint8).tobytes()
+    return [raw[ends[j] - n[j] : ends[j]].decode("utf-8", "surrogatepass") for j in positions]
 
 
 def _grown(a: np.ndarray, size: int, fill: int) -> np.ndarray:

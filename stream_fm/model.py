@@ -141,9 +141,7 @@ class SparseFM(base.Classifier):
         hp = [self.learning_rate, self.l2_w, self.l2_v, self.clip_gradient, _ADAGRAD_EPS, self.init_std]
         self._hp = np.array(hp)  # _kernels.HP_* then fastpath.HP_STD
         self._seed64 = np.uint64(self.seed)
-        self._hashing = (
-            None if self.hash_bits is None else (fastpath.hash_salt(self.seed), (1 << self.hash_bits) - 1)
-        )
+        self._hashing = fastpath.hashing(self.seed, self.hash_bits)
         # [skipped, newly trained rows, samples seen, rows handed out]: written by kernels
         self._counts = np.zeros(4, np.int64)
         self.n_evicted = 0
@@ -154,10 +152,7 @@ class SparseFM(base.Classifier):
         self._fresh: dict[str, int] = {}
         self._free: list[int] = []
         self._pending: dict[str, int] = {}  # min_count admission: key -> sightings so far
-        # where the per-sample kernels find the arrays (fastpath.publish keeps it current)
-        self._pointers = fastpath.pointer_table()
-        self._address = self._pointers.ctypes.data
-        self._bound_to = self
+        self._new_pointer_table()  # filled by _alloc
         if self.hash_bits is None:
             self._n_rows = 0
             self._alloc(1024)
@@ -180,10 +175,14 @@ class SparseFM(base.Classifier):
         self._bind()
 
     def _bind(self) -> None:
+        self._new_pointer_table()
+        self._publish()
+
+    def _new_pointer_table(self) -> None:
+        """Where the per-sample kernels find this model's arrays (``_publish`` fills it in)."""
         self._pointers = fastpath.pointer_table()
         self._address = self._pointers.ctypes.data
         self._bound_to = self
-        self._publish()
 
     # ------------------------------------------------------------------ public API
 

@@ -74,7 +74,7 @@ class Predictor:
                 )
             else:
                 self._index = KeyIndex(rows=1)
-                self._hashing = (fastpath.hash_salt(seed), (1 << int(hash_bits)) - 1)
+                self._hashing = fastpath.hashing(seed, int(hash_bits))
             # the per-sample kernel's view of these arrays (it only reads them)
             self._pointers = fastpath.pointer_table()
             empty = np.zeros((0, self._V.shape[1]))

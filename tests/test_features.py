@@ -142,7 +142,7 @@ def test_hashing_buckets_are_crc32_of_the_key_as_before():
     expected = [zlib.crc32(k.encode("utf-8"), salt) & ((1 << bits) - 1) for k in keys]
     data, lengths, _, _ = encode_batch([sample])
     rows = np.empty(len(lengths), np.int64)
-    fastpath.bucket_rows(data, lengths, fastpath.hash_salt(seed), (1 << bits) - 1, rows)
+    fastpath.bucket_rows(data, lengths, *fastpath.hashing(seed, bits), rows)
     assert rows.tolist() == expected
     one, batch = SparseFM(hash_bits=bits, seed=seed), SparseFM(hash_bits=bits, seed=seed)
     x = {"ad": "a17", "é": "🙂"}
