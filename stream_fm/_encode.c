@@ -33,7 +33,7 @@ static kernel_t predict_kernel, learn_kernel;
 #define INLINE_BYTES 4096
 #define INLINE_KEYS 256
 
-/* Keys written so far: their bytes back to back, lengths, x values, and per-sample offsets.
+/* Keys written so far: their bytes back to back, lengths, x values.
    One sample fits the inline storage (no malloc on the per-sample path). */
 typedef struct {
     char *data;
@@ -41,8 +41,6 @@ typedef struct {
     int64_t *lengths;
     double *vals;
     Py_ssize_t n, ncap;
-    int64_t *offsets; /* batches only */
-    Py_ssize_t n_offsets, ocap;
     char data0[INLINE_BYTES];
     int64_t lengths0[INLINE_KEYS];
     double vals0[INLINE_KEYS];
@@ -56,15 +54,12 @@ static void keys_init(Keys *k) {
     k->vals = k->vals0;
     k->n = 0;
     k->ncap = INLINE_KEYS;
-    k->offsets = NULL;
-    k->n_offsets = k->ocap = 0;
 }
 
 static void keys_free(Keys *k) {
     if (k->data != k->data0) PyMem_Free(k->data);
     if (k->lengths != k->lengths0) PyMem_Free(k->lengths);
     if (k->vals != k->vals0) PyMem_Free(k->vals);
-    PyMem_Free(k->offsets);
 }
 
 /* grow an inline-or-heap buffer to at least `need` items of `size` bytes */
@@ -241,23 +236,24 @@ static PyObject *encode_batch(PyObject *self, PyObject *xs) {
     Keys k;
     keys_init(&k);
     PyObject *result = NULL;
-    k.ocap = n + 1;
-    if (!(k.offsets = PyMem_Malloc((size_t)(n + 1) * sizeof(int64_t)))) {
+    int64_t *offsets = PyMem_Malloc((size_t)(n + 1) * sizeof(int64_t)); /* CSR: sample i's keys */
+    if (!offsets) {
         PyErr_NoMemory();
         goto done;
     }
-    k.offsets[0] = 0;
+    offsets[0] = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         if (add_sample(&k, PySequence_Fast_GET_ITEM(seq, i)) < 0) {
             at_index(i);
             goto done;
         }
-        k.offsets[i + 1] = k.n;
+        offsets[i + 1] = k.n;
     }
     result = Py_BuildValue("(y#y#y#y#)", k.data, k.used, (char *)k.lengths, k.n * (Py_ssize_t)sizeof(int64_t),
-                           (char *)k.vals, k.n * (Py_ssize_t)sizeof(double), (char *)k.offsets,
+                           (char *)k.vals, k.n * (Py_ssize_t)sizeof(double), (char *)offsets,
                            (n + 1) * (Py_ssize_t)sizeof(int64_t));
 done:
+    PyMem_Free(offsets);
     keys_free(&k);
     Py_DECREF(seq);
     return result;

@@ -61,10 +61,7 @@ def encode_batch(xs: Iterable[Mapping[str, Any]]) -> Packed:
 
 def check(x: Mapping[str, Any]) -> None:
     """Raise :class:`FeatureError` naming the field if sample ``x`` cannot be encoded."""
-    try:
-        _encode.encode_batch([x])
-    except FeatureError as e:
-        raise FeatureError(e.field, e.reason) from None
+    _encode_one(x)
 
 
 def keys_of(x: Mapping[str, Any]) -> list[tuple[str, float]]:
@@ -73,11 +70,16 @@ def keys_of(x: Mapping[str, Any]) -> list[tuple[str, float]]:
     >>> keys_of({"ad": "a17", "price": 3.5, "genres": ["Drama", "War"], "mobile": False})
     [('ad=a17', 1.0), ('price', 3.5), ('genres=Drama', 1.0), ('genres=War', 1.0)]
     """
+    data, lengths, vals, _ = _encode_one(x)
+    return list(zip(keys_at(data, lengths, range(len(lengths))), vals.tolist(), strict=True))
+
+
+def _encode_one(x: Mapping[str, Any]) -> Packed:
+    """:func:`encode_batch` of one sample, whose errors carry no batch position."""
     try:
-        data, lengths, vals, _ = encode_batch([x])
+        return encode_batch([x])
     except FeatureError as e:
         raise FeatureError(e.field, e.reason) from None
-    return list(zip(keys_at(data, lengths, range(len(lengths))), vals.tolist(), strict=True))
 
 
 def _as_dict(x: Any) -> dict[str, Any]:
