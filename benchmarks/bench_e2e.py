@@ -37,10 +37,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def broker() -> str:
+    # the script's stdout is the bootstrap address alone; its messages go to our stderr
     out = subprocess.run(
-        [str(REPO / "deploy/kafka/kafka-local.sh"), "start"], check=True, capture_output=True, text=True
+        [str(REPO / "deploy/kafka/kafka-local.sh"), "start"], check=True, stdout=subprocess.PIPE, text=True
     )
-    return out.stdout.strip().splitlines()[-1]
+    return out.stdout.strip()
 
 
 def ensure_topic(bootstrap: str, n: int, partitions: int) -> str:

@@ -54,7 +54,12 @@ else
   echo "== starting the local Kafka broker"
   started_kafka=1
 fi
-STREAM_FM_TEST_KAFKA=$("$kafka" start | tail -n 1)
+# its stdout is the bootstrap address alone (the script's contract); anything else is a bug there
+STREAM_FM_TEST_KAFKA=$("$kafka" start)
+if [[ ! "$STREAM_FM_TEST_KAFKA" =~ ^[A-Za-z0-9.:_-]+:[0-9]+$ ]]; then
+  echo "kafka-local.sh start printed $(printf %q "$STREAM_FM_TEST_KAFKA"), not HOST:PORT" >&2
+  exit 1
+fi
 export STREAM_FM_TEST_KAFKA
 stop_kafka() {
   if [ -n "$started_kafka" ]; then

@@ -7,12 +7,9 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-KAFKA_SCRIPT = REPO / "deploy" / "kafka" / "kafka-local.sh"
+from helpers import KAFKA_SCRIPT
 
 
 class Broker:
@@ -22,8 +19,8 @@ class Broker:
         self.bootstrap = os.environ.get("STREAM_FM_TEST_KAFKA") or self.start()
 
     def start(self) -> str:
-        out = subprocess.run([str(KAFKA_SCRIPT), "start"], check=True, capture_output=True, text=True)
-        return out.stdout.strip().splitlines()[-1]
+        out = subprocess.run([str(KAFKA_SCRIPT), "start"], check=True, stdout=subprocess.PIPE, text=True)
+        return out.stdout.strip()  # the script's stdout is the bootstrap address alone
 
     def stop(self) -> None:
         subprocess.run([str(KAFKA_SCRIPT), "stop"], check=True, capture_output=True, text=True)

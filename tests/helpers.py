@@ -11,6 +11,9 @@ import numpy as np
 
 from stream_fm import SparseFM
 
+REPO = Path(__file__).resolve().parents[1]
+KAFKA_SCRIPT = REPO / "deploy" / "kafka" / "kafka-local.sh"
+
 
 def categorical_stream(n: int, seed: int) -> list[tuple[dict, bool]]:
     rng = np.random.default_rng(seed)
@@ -35,7 +38,7 @@ def state_equal(a: SparseFM, b: SparseFM) -> bool:
 
 def stream_fm_process(args: list[str], log: Path, cwd: Path | None = None) -> subprocess.Popen:
     """`stream-fm ARGS` as a child process, its output appended to ``log``."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     with open(log, "ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "stream_fm.cli", *args], stdout=out, stderr=out, env=env, cwd=cwd

@@ -7,11 +7,22 @@
 #   deploy/kafka/kafka-local.sh status
 #   deploy/kafka/kafka-local.sh reset    # stop, and delete the broker's data
 #
+# Standard output is a contract that other scripts parse: `start` prints the bootstrap address
+# alone (HOST:PORT, one line) and `status` one status line. Everything else (this script's
+# messages, Maven's and Java's output) goes to standard error or to a log file.
+#
 # Environment (defaults in brackets):
 #   KAFKA_LOCAL_PORT   client port [9092]; the controller uses the next port
 #   KAFKA_LOCAL_HOME   where jars, data, logs and the pid file live [~/.cache/stream-fm/kafka]
-#   JAVA                   the java binary [java]; Kafka 4.x needs Java 17+
+#   KAFKA_LOCAL_MAVEN_REPO  Maven's local repository for resolving the jars [Maven's default, ~/.m2/repository]
+#   JAVA               the java binary [java]; Kafka 4.x needs Java 17+
 set -euo pipefail
+
+# The caller's stdout is kept on fd 3 for the one line this script owes it (`say`); every other
+# command writes to stderr, so nothing a tool prints (Maven writes bare ANSI resets to stdout even
+# with -Dstyle.color=never) can reach the caller's stdout.
+exec 3>&1 1>&2
+say() { echo "$@" >&3; }
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 version="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$here/pom.xml")"
@@ -40,9 +51,25 @@ fetch_jars() {
     return
   fi
   log "resolving Kafka $version jars from Maven Central into $lib"
-  mkdir -p "$lib"
-  mvn -q -B -Dstyle.color=never -f "$here/pom.xml" dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$lib"
-  touch "$lib/.complete"
+  mkdir -p "$(dirname "$lib")"
+  local repo_flag=()
+  if [[ -n "${KAFKA_LOCAL_MAVEN_REPO:-}" ]]; then
+    repo_flag=("-Dmaven.repo.local=$KAFKA_LOCAL_MAVEN_REPO")
+  fi
+  # into a staging directory, renamed into place when complete: an interrupted download never
+  # leaves a half-filled lib that a later start would take for complete
+  local staging="$lib.partial-$$"
+  rm -rf "$staging"
+  mkdir -p "$staging"
+  if ! mvn -q -B -Dstyle.color=never "${repo_flag[@]}" -f "$here/pom.xml" \
+    dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$staging"; then
+    rm -rf "$staging"
+    log "Maven could not resolve the broker's jars (see above)"
+    exit 1
+  fi
+  touch "$staging/.complete"
+  rm -rf "$lib"
+  mv "$staging" "$lib"
 }
 
 write_config() {
@@ -75,7 +102,7 @@ EOF
 start() {
   if running; then
     if port_open; then
-      echo "$bootstrap"
+      say "$bootstrap"
       return
     fi
   fi
@@ -96,10 +123,11 @@ start() {
     }
   fi
   : >"$logfile"
-  # setsid: the broker outlives the shell that started it (a test run, a terminal)
+  # setsid: the broker outlives the shell that started it (a test run, a terminal); 3>&-: it must
+  # not hold the caller's stdout open, or a caller reading it to the end would wait forever
   setsid nohup "$java" -Xms256m -Xmx1g -XX:+UseG1GC -cp "$cp" \
     -Dlog4j2.configurationFile="$here/log4j2.xml" \
-    kafka.Kafka "$run/server.properties" >"$logfile" 2>&1 </dev/null &
+    kafka.Kafka "$run/server.properties" >"$logfile" 2>&1 </dev/null 3>&- &
   echo $! >"$pidfile"
   local deadline=$((SECONDS + 180))
   until grep -q "Kafka Server started" "$logfile" 2>/dev/null && port_open; do
@@ -118,7 +146,7 @@ start() {
     sleep 0.5
   done
   log "broker $version up on $bootstrap (pid $(cat "$pidfile"), log $logfile)"
-  echo "$bootstrap"
+  say "$bootstrap"
 }
 
 stop() {
@@ -144,9 +172,9 @@ stop() {
 
 status() {
   if running && port_open; then
-    echo "running: $bootstrap (pid $(cat "$pidfile"))"
+    say "running: $bootstrap (pid $(cat "$pidfile"))"
   else
-    echo "stopped"
+    say "stopped"
     return 3
   fi
 }
