@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from stream_fm.errors import ConfigError, FeatureError, LabelError, SnapshotError, StreamFMError
+from stream_fm.errors import (
+    ConfigError,
+    FeatureError,
+    LabelError,
+    RootLockedError,
+    SnapshotError,
+    StreamFMError,
+)
 from stream_fm.model import SparseFM
 
 __all__ = [
     "ConfigError",
     "FeatureError",
     "LabelError",
+    "RootLockedError",
     "SnapshotError",
     "SparseFM",
     "StreamFMError",

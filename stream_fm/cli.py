@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from stream_fm import __version__, logs
-from stream_fm.errors import ConfigError, StreamFMError
+from stream_fm.errors import ConfigError, RootLockedError, StreamFMError
 
 __all__ = ["main"]
 
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="stream-fm",
         description="Online factorization machine for click-through rate, fed by Kafka.",
         epilog="exit codes: 0 ok, 1 failure (e.g. a snapshot fails verification), "
-        "2 usage or configuration error",
+        "2 usage or configuration error (also: another process writes to the snapshot directory)",
     )
     parser.add_argument("--version", action="version", version=f"stream-fm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -159,6 +159,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
     except ConfigError as e:
         print(f"stream-fm: configuration error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except RootLockedError as e:  # a second worker on one snapshot directory: a usage mistake
+        print(f"stream-fm: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except StreamFMError as e:
         print(f"stream-fm: error: {e}", file=sys.stderr)

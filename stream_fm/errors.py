@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "FeatureError", "LabelError", "SnapshotError", "StreamFMError"]
+__all__ = ["ConfigError", "FeatureError", "LabelError", "RootLockedError", "SnapshotError", "StreamFMError"]
 
 
 class StreamFMError(Exception):
@@ -46,3 +46,21 @@ class SnapshotError(StreamFMError):
     def __init__(self, path: object, reason: str) -> None:
         self.path, self.reason = path, reason
         super().__init__(f"snapshot {str(path)!r}: {reason}")
+
+
+class RootLockedError(StreamFMError):
+    """Another process writes to this snapshot root; ``holder`` says who (pid, host, command,
+    since), as far as its lock file tells."""
+
+    def __init__(self, root: object, holder: dict[str, object]) -> None:
+        self.root, self.holder = root, holder
+        who = (
+            f"pid {holder.get('pid')} on host {holder.get('host')!s} ({holder.get('command')}, "
+            f"since {holder.get('since')})"
+            if holder
+            else "a process that did not say who it is"
+        )
+        super().__init__(
+            f"snapshot directory {str(root)!r} is locked by another writer: {who}. One writer per "
+            "snapshot directory: stop that one, or give this one another --snapshot-dir"
+        )

@@ -11,6 +11,9 @@ complete one::
         model.w.npy  model.V.npy  ...          the model's arrays (numpy .npy, no pickle)
         extra.<name>.npy                       arrays the caller added (the worker's join state)
 
+One process writes to a root at a time: writers hold its lock (:mod:`stream_fm.rootlock`), and a
+second writing process gets :class:`~stream_fm.errors.RootLockedError`. Readers need no lock.
+
 Publishing is atomic: files are written into a temporary directory in the same root and fsynced,
 the directory is renamed into place and fsynced, then ``LATEST`` is replaced by rename. A crash or
 a full disk at any instant leaves the previous snapshot and ``LATEST`` as they were.
@@ -32,6 +35,7 @@ import re
 import shutil
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -42,6 +46,7 @@ import numpy as np
 
 from stream_fm.errors import SnapshotError
 from stream_fm.model import SparseFM, StateCapture
+from stream_fm.rootlock import RootLock
 
 __all__ = [
     "FORMAT_VERSION",
@@ -112,9 +117,11 @@ def write(
 
     ``keep``: afterwards delete all but the newest ``keep`` snapshots (never the one ``LATEST``
     names, nor one a reader holds). Raises :class:`SnapshotError` if it cannot be written, in
-    which case the previous snapshot and ``LATEST`` are untouched.
+    which case the previous snapshot and ``LATEST`` are untouched, and
+    :class:`~stream_fm.errors.RootLockedError` if another process writes to ``root``.
     """
-    return _Capture.take(model, extra).publish(Path(root), keep=keep)
+    with RootLock(root):
+        return _Capture.take(model, extra).publish(Path(root), keep=keep)
 
 
 class _Capture:
@@ -257,11 +264,17 @@ def prune(root: str | os.PathLike[str], keep: int) -> list[str]:
 
     Never deletes the snapshot ``LATEST`` names, nor one a reader holds (readers take a shared
     ``flock`` on its manifest while they verify and load). Also clears temporary directories left
-    by writers that died.
+    by writers that died. Takes the root's writer lock (:class:`~stream_fm.errors.RootLockedError`
+    if another process writes there).
     """
     root = Path(root)
     if keep < 1:
         raise SnapshotError(root, f"keep={keep}: retention must keep at least 1 snapshot")
+    with RootLock(root):  # deleting is writing: not while another process writes here
+        return _prune(root, keep)
+
+
+def _prune(root: Path, keep: int) -> list[str]:
     latest = latest_name(root)
     deleted = []
     for _, name in list_snapshots(root)[:-keep]:
@@ -461,6 +474,10 @@ class SnapshotWriter:
     meanwhile is skipped and taken at the next call. A failed write is counted and logged, never
     raised, and retried at the next trigger.
 
+    It holds ``root``'s writer lock from construction until :meth:`close` (or until it is
+    garbage-collected): constructing one raises :class:`~stream_fm.errors.RootLockedError` if
+    another process writes there.
+
     Attributes (read by the metrics layer): ``last_success`` (Unix time), ``last_path``,
     ``last_bytes``, ``last_write_seconds``, ``last_pause_seconds``, ``failures``, ``written``.
     """
@@ -477,6 +494,8 @@ class SnapshotWriter:
         if keep < 1:
             raise SnapshotError(root, f"keep={keep}: retention must keep at least 1 snapshot")
         self.root = Path(root)
+        self._lock = RootLock(root).acquire()  # first: a refused writer must not touch anything
+        weakref.finalize(self, self._lock.release)
         self.every_seconds = every_seconds
         self.every_samples = every_samples
         self.keep = keep
@@ -534,6 +553,13 @@ class SnapshotWriter:
     def wait(self, timeout: float | None = None) -> None:
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Wait for the write in flight, then release the root's writer lock (kept if the write is
+        still running after ``timeout``: it goes when the process does)."""
+        self.wait(timeout)
+        if not self.busy:
+            self._lock.release()
 
     def _start(self, model: SparseFM, extra: Extra | None) -> None:
         t = time.perf_counter()

@@ -89,6 +89,8 @@ class Worker:
         self.source = source
         self.config = config
         self.dead_letters = dead_letters or DeadLetters()
+        # first, before anything is read from it: the root's writer lock (RootLockedError if
+        # another process writes there)
         self.writer = snapshot.SnapshotWriter(
             config.snapshot_dir,
             every_seconds=config.snapshot_every_seconds,
@@ -205,6 +207,7 @@ class Worker:
             self.log_progress()
             self.source.close()
             self.dead_letters.close()
+            self.writer.close(self.config.shutdown_timeout)  # the snapshot root is free from here
 
     # ------------------------------------------------------------------ the data path
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from helpers import categorical_stream, state_equal
 
-from stream_fm import SnapshotError, SparseFM, serving, snapshot
+from stream_fm import SnapshotError, SparseFM, rootlock, serving, snapshot
 
 MODES = [
     {},
@@ -226,7 +226,8 @@ def test_a_write_that_fails_midway_leaves_the_previous_snapshot_intact(tmp_path,
         snapshot.write(tmp_path, model)
     monkeypatch.undo()
     assert len(opened) == fail_at + 1, "every file a write creates was given the chance to fail"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [snapshot.LATEST, before.name]  # no debris
+    # no debris (the writer lock file stays: it is never deleted)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [rootlock.LOCK_FILE, snapshot.LATEST, before.name]
     assert snapshot.latest_name(tmp_path) == before.name
     assert serving.load(tmp_path).predict(probe) == expected
     after = snapshot.write(tmp_path, model)  # the next attempt succeeds
@@ -413,7 +414,8 @@ def test_a_writer_killed_at_any_instant_leaves_latest_complete(tmp_path, delay):
     assert snap.manifest["samples_seen"] == snap.extra["samples"]
     assert serving.load(tmp_path).name == latest
     snapshot.prune(tmp_path, keep=3)  # and the dead writer's debris goes at the next retention pass
-    assert all(p.name == snapshot.LATEST or p.name.startswith("snap-") for p in tmp_path.iterdir())
+    kept = (snapshot.LATEST, rootlock.LOCK_FILE)
+    assert all(p.name in kept or p.name.startswith("snap-") for p in tmp_path.iterdir())
 
 
 def test_an_unknown_format_version_is_refused_clearly(tmp_path):
