@@ -9,9 +9,16 @@ The worker stays the owner of positions and offsets: the child seeks where the w
 is, commits only what the worker asks it to commit (after a durable snapshot), and exits when the
 worker goes away (the pipe closes) or tells it to stop.
 
+It also watches the consumer group. One worker per group is the rule (each worker learns its own
+model from the partitions it holds), so a second member that takes partitions from this one is a
+mistake that would otherwise go unseen: after every rebalance and every 30 s the child describes
+the group, and while other members hold partitions it logs an ERROR naming them (client id, host,
+partitions) and reports the member count (the ``stream_fm_consumer_group_members`` metric).
+
 Messages, worker -> child: ``("ack",)`` (a batch was taken: fetch the next), ``("commit",
 positions)``, ``("pause",)``, ``("resume",)``, ``("stop",)``. Child -> worker: ``("batch",
-batches, meta)``, ``("meta", meta)``, where ``meta = (ready, assigned, lag, rebalanced, broker_up)``.
+batches, meta)``, ``("meta", meta)``, where ``meta = (ready, assigned, lag, rebalanced, broker_up,
+group)`` and ``group = (members, others)``, ``others`` a tuple of (client id, host, partitions).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import time
 from multiprocessing.connection import Connection
 from typing import Any
 
-from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
@@ -35,7 +42,10 @@ __all__ = ["PREFETCH", "main"]
 log = logging.getLogger(__name__)
 
 PREFETCH = 1  # batches fetched ahead of the one the worker is processing
+GROUP_CHECK_SECONDS = 30.0  # how often the group's members are described (and after each rebalance)
+GROUP_REPEAT_SECONDS = 300.0  # how often the ERROR about other members is repeated while it lasts
 Positions = dict[tuple[str, int], int]
+Member = tuple[str, str, tuple[tuple[str, int], ...]]  # client id, host, partitions
 
 
 def main(
@@ -62,6 +72,13 @@ class _Fetcher:
         self.last_meta: Any = None
         self.meta_at = 0.0
         self.up, self.probed_at = False, -10.0
+        self.client_id = settings["client_config"].get("client_id") or (
+            f"stream-fm-{socket.gethostname()}-{self.parent}"  # tells members apart in group tools
+        )
+        self.admin: KafkaAdminClient | None = None
+        self.group: tuple[int, tuple[Member, ...]] = (1, ())
+        self.group_due = 0.0  # monotonic time of the next description of the group
+        self.group_said: tuple[tuple[Member, ...], float] = ((), 0.0)  # what was logged, when
 
     def loop(self) -> None:
         try:
@@ -74,12 +91,16 @@ class _Fetcher:
                     time.sleep(0.1)
                     self._send_meta()
                     continue
+                if time.monotonic() >= self.group_due:
+                    self._check_group()
                 if self.in_flight >= PREFETCH:
                     continue
                 self._fetch()
         finally:
             if self.consumer is not None:
                 self.consumer.close(autocommit=False)
+            if self.admin is not None:
+                self.admin.close()
 
     def _commands(self, wait: float) -> bool:
         """Handle what the worker sent; False once it said stop or went away."""
@@ -113,7 +134,7 @@ class _Fetcher:
                 group_id=self.s["group_id"],
                 enable_auto_commit=False,
                 auto_offset_reset=self.s["auto_offset_reset"],
-                **self.s["client_config"],
+                **{**self.s["client_config"], "client_id": self.client_id},
             )
         except KafkaError as e:
             log.warning(
@@ -162,6 +183,70 @@ class _Fetcher:
         else:
             self._send_meta()
 
+    def _check_group(self) -> None:
+        """Describe the consumer group; log loudly while other members hold partitions."""
+        self.group_due = time.monotonic() + GROUP_CHECK_SECONDS
+        group_id = self.s["group_id"]
+        try:
+            if self.admin is None:
+                config = {
+                    k: v for k, v in self.s["client_config"].items() if k in KafkaAdminClient.DEFAULT_CONFIG
+                }
+                self.admin = KafkaAdminClient(
+                    **{**config, "client_id": f"{self.client_id}-admin", "request_timeout_ms": 10_000},
+                    bootstrap_servers=self.s["bootstrap_servers"],
+                )
+            described = self.admin.describe_groups([group_id])[group_id]
+        except Exception as e:  # an outage, a missing ACL: the check is advisory, consuming goes on
+            log.debug("could not describe consumer group %r: %s", group_id, e)
+            return
+        if described.get("group_state") != "Stable":  # mid-rebalance: assignments not settled yet
+            self.group_due = time.monotonic() + 1.0
+            return
+        members = described["members"]
+        mine = self._member_id()
+        others = tuple(
+            sorted(
+                (
+                    str(m["client_id"]),
+                    str(m["client_host"]).lstrip("/"),
+                    tuple(
+                        sorted(
+                            (a["topic"], p)
+                            for a in (m.get("member_assignment") or {}).get("assigned_partitions", [])
+                            for p in a["partitions"]
+                        )
+                    ),
+                )
+                for m in members
+                if m["member_id"] != mine and (mine is not None or m["client_id"] != self.client_id)
+            )
+        )
+        self.group = (len(members), others)
+        said, when = self.group_said
+        now = time.monotonic()
+        if others and (others != said or now - when >= GROUP_REPEAT_SECONDS):
+            mine_parts = sorted((tp.topic, tp.partition) for tp in self.consumer.assignment())
+            described = "; ".join(f"client id {c!r} on {h} holds {list(p)}" for c, h, p in others)
+            log.error(
+                "consumer group %r has %d members: this worker (client id %r) holds only %s; %s. "
+                "Each worker learns its own model from the partitions it holds, so every one of them "
+                "learns part of the stream: run one worker per group (or give each its own --group-id)",
+                group_id, len(members), self.client_id, mine_parts, described,
+            )  # fmt: skip
+            self.group_said = (others, now)
+        elif not others and said:
+            log.warning("consumer group %r: this worker is its only member again", group_id)
+            self.group_said = ((), now)
+
+    def _member_id(self) -> str | None:
+        """This consumer's member id in the group (kafka-python keeps it on its coordinator)."""
+        try:
+            generation = self.consumer._coordinator.generation()  # type: ignore[union-attr]
+            return generation.member_id if generation is not None else None
+        except AttributeError:
+            return None
+
     def _reachable(self) -> bool:
         """A broker accepts TCP connections (checked every 2 s): kafka-python keeps its assignment
         through an outage and says nothing, so readiness asks the network itself."""
@@ -184,7 +269,7 @@ class _Fetcher:
         self.up = False
         return False
 
-    def _meta(self) -> tuple[bool, list[tuple[str, int]], dict[tuple[str, int], int], bool, bool]:
+    def _meta(self) -> tuple[Any, ...]:
         consumer = self.consumer
         assigned = sorted((tp.topic, tp.partition) for tp in consumer.assignment()) if consumer else []
         lag = {}
@@ -195,7 +280,7 @@ class _Fetcher:
                 lag[(topic, partition)] = max(0, end - pos)
         rebalanced, self.rebalanced = self.rebalanced, False
         up = self._reachable()
-        return (up and bool(assigned), assigned, lag, rebalanced, up)
+        return (up and bool(assigned), assigned, lag, rebalanced, up, self.group)
 
     def _send_meta(self) -> None:
         """Tell the worker about readiness and lag when they change, or every second."""
@@ -239,11 +324,13 @@ class _Listener(ConsumerRebalanceListener):
         self.fetcher = fetcher
 
     def on_partitions_revoked(self, revoked: Any) -> None:
+        self.fetcher.group_due = 0.0  # who took them? the loop describes the group next
         if revoked:
             self.fetcher.rebalanced = True
             log.info("partitions revoked: %s", sorted((tp.topic, tp.partition) for tp in revoked))
 
     def on_partitions_assigned(self, assigned: Any) -> None:
+        self.fetcher.group_due = 0.0
         consumer = self.fetcher.consumer
         for tp in assigned:
             position = self.fetcher.sent.get((tp.topic, tp.partition))

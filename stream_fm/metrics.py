@@ -134,6 +134,11 @@ class WorkerCollector(Collector):
             "stream_fm_consumer_assigned_partitions", "Partitions assigned to this worker", len(w.assigned)
         )
         yield _gauge(
+            "stream_fm_consumer_group_members",
+            "Members of the worker's consumer group (Kafka; 1 elsewhere); over 1, each has a partial model",
+            w.group_members,
+        )
+        yield _gauge(
             "stream_fm_broker_up",
             "1 if the source is reachable (Kafka: a broker answers)",
             float(w.broker_up),

@@ -87,6 +87,10 @@ class Source:
     def assigned(self) -> list[tuple[str, int]]:
         return []
 
+    def group_members(self) -> int:
+        """Members of the consumer group this source reads in (1: this worker alone)."""
+        return 1
+
     def close(self) -> None:
         pass
 
@@ -236,8 +240,9 @@ class KafkaSource(Source):
         self._positions: Positions = {}
         self._child: Any = None
         self._conn: Any = None
-        # (ready, assigned, lag, rebalanced, broker up), as the child last reported
-        self._meta: tuple[Any, ...] = (False, [], {}, False, False)
+        # (ready, assigned, lag, rebalanced, broker up, (group members, others)), as the child
+        # last reported
+        self._meta: tuple[Any, ...] = (False, [], {}, False, False, (1, ()))
 
     def start(self, positions: Positions) -> None:
         # the worker's own dict, updated as it learns: a restarted child resumes from it
@@ -315,6 +320,9 @@ class KafkaSource(Source):
 
     def assigned(self) -> list[tuple[str, int]]:
         return list(self._meta[1])
+
+    def group_members(self) -> int:
+        return int(self._meta[5][0])
 
     def lag(self) -> dict[tuple[str, int], int]:
         return dict(self._meta[2])

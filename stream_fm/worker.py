@@ -111,6 +111,7 @@ class Worker:
         self.broker_up = False
         self.lag: dict[tuple[str, int], int] = {}
         self.assigned: list[tuple[str, int]] = []
+        self.group_members = 1  # of the consumer group (Kafka); more than 1 is a mistake today
         # hooks: called on this thread after each batch (seconds) and each durable snapshot
         self.on_batch: list[Callable[[float], None]] = []
         self.on_snapshot: list[Callable[[snapshot.SnapshotWriter], None]] = []
@@ -180,11 +181,12 @@ class Worker:
                 if records:
                     self.process(records)
                 src = self.source
-                self.ready, self.broker_up, self.lag, self.assigned = (
+                self.ready, self.broker_up, self.lag, self.assigned, self.group_members = (
                     src.ready,
                     src.broker_up,
                     src.lag(),
                     src.assigned(),
+                    src.group_members(),
                 )
                 if self.source.rebalanced:
                     self.source.rebalanced = False

@@ -39,6 +39,7 @@ SERIES = {
     "stream_fm_consumer_lag": ("gauge", {"topic", "partition"}),
     "stream_fm_consumer_offset": ("gauge", {"topic", "partition"}),
     "stream_fm_consumer_assigned_partitions": ("gauge", set()),
+    "stream_fm_consumer_group_members": ("gauge", set()),
     "stream_fm_broker_up": ("gauge", set()),
     "stream_fm_batch_seconds": ("histogram", set()),
     "stream_fm_event_time_lag_seconds": ("gauge", set()),

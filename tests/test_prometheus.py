@@ -163,7 +163,7 @@ def test_dashboard_and_rules_evaluate_and_the_stalled_alert_fires(demo_worker, p
 
     groups = api(base, "rules")["data"]["groups"]
     rules = [r for g in groups for r in g["rules"]]
-    assert len(rules) == 7
+    assert len(rules) == len(yaml.safe_load(RULES.read_text())["groups"][0]["rules"]) == 8
     for rule in rules:
         assert rule["health"] == "ok", rule
         assert api(base, "query", query=rule["query"])["status"] == "success"

@@ -6,10 +6,12 @@ deploy/kafka/kafka-local.sh, on topics of its own. No mock stands in for Kafka.
 
 from __future__ import annotations
 
+import ast
 import os
 import random
 import re
 import signal
+import socket
 import threading
 import time
 import urllib.error
@@ -371,3 +373,54 @@ def test_a_killed_consumer_process_is_replaced_and_nothing_is_lost(kafka, topic_
         assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
     events = snapshot.read(root / snapshot.latest_name(root)).extra["stats"]["events"]
     assert events == {k: first.counts[k] + second.counts[k] for k in events}
+
+
+def test_a_second_member_in_the_group_is_reported_loudly(kafka, topic_factory, tmp_path):
+    """One worker per group is the rule: an accidental second worker takes partitions away, and
+    the first says so (an ERROR naming it and its partitions, a metric) until it leaves."""
+    topic = topic_factory(4, "events")
+    produce(kafka.bootstrap, topic, make_stream(400, seed=7).messages)
+
+    def args(name: str) -> list[str]:
+        return [
+            "run", "--bootstrap-servers", kafka.bootstrap, "--topic", topic, "--group-id", "crowded",
+            "--snapshot-dir", str(tmp_path / f"snaps-{name}"), "--metrics-port", "0",
+        ]  # fmt: skip
+
+    def gauge(url: str, name: str) -> float:
+        body = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
+        return float(re.search(rf"^{name} (\S+)$", body, re.MULTILINE).group(1))
+
+    log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
+    first = stream_fm_process(args("a"), log_a)
+    second = None
+    try:
+        wait_until(lambda: "metrics on http" in log_a.read_text(), 120, "the metrics server", first)
+        url = re.search(r"metrics on (http://[\d.:]+)/metrics", log_a.read_text()).group(1)
+        wait_until(
+            lambda: gauge(url, "stream_fm_consumer_assigned_partitions") == 4, 120, "4 partitions", first
+        )
+        assert gauge(url, "stream_fm_consumer_group_members") == 1
+        assert " ERROR " not in log_a.read_text()
+
+        second = stream_fm_process(args("b"), log_b)
+        intruder = f"stream-fm-{socket.gethostname()}-{second.pid}"
+        wait_until(lambda: gauge(url, "stream_fm_consumer_group_members") == 2, 120, "2 members", first)
+        pattern = re.compile(
+            rf" ERROR .*has 2 members: .*client id '{re.escape(intruder)}' on [\d.]+ holds (\[.*?\])"
+        )
+        wait_until(lambda: pattern.search(log_a.read_text()), 60, "the ERROR line naming the intruder", first)
+        taken = {p for _, p in ast.literal_eval(pattern.search(log_a.read_text()).group(1))}
+        kept = gauge(url, "stream_fm_consumer_assigned_partitions")
+        assert taken and kept == 4 - len(taken), log_a.read_text()[-3000:]
+
+        second.send_signal(signal.SIGTERM)  # the intruder leaves: the worker is alone again
+        assert second.wait(timeout=60) == 0, log_b.read_text()[-3000:]
+        wait_until(lambda: gauge(url, "stream_fm_consumer_group_members") == 1, 120, "1 member", first)
+        wait_until(lambda: "is its only member again" in log_a.read_text(), 60, "the all-clear", first)
+        wait_until(lambda: gauge(url, "stream_fm_consumer_assigned_partitions") == 4, 60, "4 again", first)
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
