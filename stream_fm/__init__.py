@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from stream_fm.errors import (
+from stream_fm import kernelcache as _kernelcache
+
+_kernelcache.seed_from_env()  # prebuilt kernels into numba's cache, before numba loads any
+
+from stream_fm.errors import (  # noqa: E402
     ConfigError,
     FeatureError,
     LabelError,
@@ -10,7 +14,7 @@ from stream_fm.errors import (
     SnapshotError,
     StreamFMError,
 )
-from stream_fm.model import SparseFM
+from stream_fm.model import SparseFM  # noqa: E402
 
 __all__ = [
     "ConfigError",

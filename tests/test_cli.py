@@ -16,7 +16,7 @@ from helpers import stream_fm_process
 from stream_fm import __version__, cli, snapshot
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = ["run", "replay", "produce", "inspect", "serve", "config"]
+COMMANDS = ["run", "replay", "produce", "inspect", "serve", "config", "warmup"]
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])

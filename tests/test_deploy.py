@@ -31,7 +31,7 @@ K8S_VERSION = "1.30.0"
 def parses_as_stream_fm(args: list[str]) -> None:
     """The arguments are a valid stream-fm command line (argparse exits on anything else)."""
     parsed = cli.build_parser().parse_args(args)
-    assert parsed.command in ("run", "serve", "produce", "replay", "inspect", "config")
+    assert parsed.command in ("run", "serve", "produce", "replay", "inspect", "config", "warmup")
 
 
 def pinned(image: str) -> bool:
@@ -64,6 +64,20 @@ def test_dockerfile_parses_and_follows_the_lint_rules():
         for source in copy.value[:-1]:
             assert (REPO / source).exists(), f"COPY {source}: no such file in the build context"
     assert not [c for c in commands if c.cmd == "ADD"], "COPY, not ADD"
+    # kernels compiled at build, for any CPU, and checked; copied to a writable cache at start
+    pairs = [zip(c.value[::2], c.value[1::2], strict=True) for c in by("ENV") if c.start_line > final_from]
+    env = {k: v for pair in pairs for k, v in pair}
+    assert env["NUMBA_CPU_NAME"] == "generic"
+    kernels = env["STREAM_FM_KERNEL_CACHE"]
+    assert env["NUMBA_CACHE_DIR"].startswith("/tmp/") and not env["NUMBA_CACHE_DIR"].startswith(kernels)
+    warm = [c for c in by("RUN") if "stream-fm warmup" in c.original]
+    assert len(warm) == 1 and warm[0].start_line < users[-1].start_line, "warm up as root, before USER"
+    steps = [shlex.split(step) for step in warm[0].value[0].split("&&")]
+    warmups = [step for step in steps if "warmup" in step]
+    assert [step[-1] for step in warmups] == ["warmup", "--check"]
+    for step in warmups:
+        assert step[0] == f"NUMBA_CACHE_DIR={kernels}" and step[1] == "stream-fm"
+        parses_as_stream_fm(step[2:])
     assert all(
         "apt-get install" not in c.original or "--no-install-recommends" in c.original for c in by("RUN")
     )
@@ -193,3 +207,15 @@ def test_every_stream_fm_variable_the_deploy_files_set_is_a_known_setting(tmp_pa
             load(environ={name: environ[name]})
         except Exception as e:  # a value of "1" may be out of range: only unknown names matter here
             assert "a known variable" not in str(e), f"{found[name]}: {e}"
+
+
+# ---------------------------------------------------------------- alert rules
+
+
+def test_every_alert_has_a_runbook_entry_in_the_readme():
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())["groups"][0]["rules"]
+    headings = re.findall(r"^#### (\w+)$", (REPO / "README.md").read_text(), re.MULTILINE)
+    for rule in rules:
+        name = rule["alert"]
+        assert rule["annotations"]["runbook"] == f"README.md#{name.lower()}", name
+        assert name in headings, f"README lacks a runbook entry '#### {name}'"
