@@ -16,6 +16,7 @@ The same kernels serve :class:`~stream_fm.SparseFM` and :class:`~stream_fm.servi
 from __future__ import annotations
 
 import zlib
+from typing import Any
 
 import numba as nb
 import numpy as np
@@ -47,6 +48,7 @@ __all__ = [
     "MODE_ADD",
     "MODE_HASH",
     "MODE_LOOKUP",
+    "Bound",
     "add_rows",
     "bucket_rows",
     "hashing",
@@ -283,3 +285,44 @@ def _learn_one(model, sample):
 
 
 _encode.configure(features._slow, features._as_dict, FeatureError, _predict_one.address, _learn_one.address)
+
+
+class Bound:
+    """The pointer table through which the per-sample kernels find a model's arrays (part of
+    SparseFM). A copy needs a table of its own: the original's points at the original's arrays.
+    ``copy.deepcopy`` comes through ``__setstate__``; river's ``clone(include_attributes=True)``
+    copies attribute by attribute, which the per-sample methods notice (``_bound_to`` is not self).
+    """
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_pointers", "_address", "_bound_to")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._bind()
+
+    def _bind(self) -> None:
+        self._new_pointer_table()
+        self._publish()
+
+    def _new_pointer_table(self) -> None:
+        """Where the per-sample kernels find this model's arrays (``_publish`` fills it in)."""
+        self._pointers = pointer_table()
+        self._address = self._pointers.ctypes.data
+        self._bound_to = self
+
+    def _publish(self) -> None:
+        """Point the per-sample kernels at the current arrays (after any of them changes) and
+        tell them how to find rows: adding absent keys themselves only while every key is
+        admitted and none evicted (else ``learn_one`` takes the Python path for new keys)."""
+        if self.hash_bits is not None:
+            mode = MODE_HASH
+        elif self.max_features is None and self.min_count <= 1 and not self._free:
+            mode = MODE_ADD
+        else:
+            mode = MODE_LOOKUP
+        publish(
+            self._pointers, bias=self._bias, w=self._w, V=self._V, gw=self._gw, gV=self._gV, last=self._last,
+            counts=self._counts, hp=self._hp, index=self._index, opt=self._opt, mode=mode, seed=self.seed,
+            hash_bits=self.hash_bits,
+        )  # fmt: skip

@@ -5,13 +5,16 @@ feature; a :class:`~stream_fm.keyindex.KeyIndex` maps each feature key (``"ad=a1
 Samples are encoded in C (``_encode.c``); the Python side manages rows; the arithmetic runs in
 compiled kernels (``_kernels.py``). One sample at a time goes from the C encoder to the kernels
 directly (``fastpath.py``): no Python call in between.
+
+The class is assembled from parts, each in a module named for what it holds: :mod:`rows` (the
+slabs, admission and eviction), :mod:`state` (export and import), :mod:`fastpath` (the pointer
+table of the per-sample kernels); this module holds the public API and the learning loop.
 """
 
 from __future__ import annotations
 
-import itertools
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,20 +23,17 @@ from river import base
 from stream_fm import _encode, _kernels, fastpath
 from stream_fm.errors import ConfigError, LabelError
 from stream_fm.features import encode_batch
-from stream_fm.keyindex import KeyIndex, decode_keys, encode_keys, gather_keys, keys_at, pack_keys
+from stream_fm.keyindex import KeyIndex, encode_keys
+from stream_fm.rows import Encoded, Rows, encode_rows
+from stream_fm.state import StateCapture, StateIO
 
 __all__ = ["SparseFM", "StateCapture", "encode_rows"]
 
 _OPTIMIZERS = {"sgd": _kernels.OPT_SGD, "adagrad": _kernels.OPT_ADAGRAD}
 _ADAGRAD_EPS = 1e-8
-_STATE_FORMAT = 1
-_UNTOUCHED = -1
-
-# (rows, x values, CSR offsets, (position, key) of keys the index lacks)
-_Encoded = tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[int, str]]]
 
 
-class SparseFM(base.Classifier):
+class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
     """Online factorization machine for binary labels (clicks), trained by per-sample SGD.
 
     The model (Rendle, 2010) is ``y_hat = w0 + sum_i w_i x_i + sum_{i<j} <v_i, v_j> x_i x_j``,
@@ -164,26 +164,6 @@ class SparseFM(base.Classifier):
             seeds = _kernels.bucket_seeds(self._n_rows, self._seed64)
             _kernels.init_rows(self._V, buckets, seeds, self.init_std)
 
-    # A copy needs a pointer table of its own: the original's points at the original's arrays.
-    # copy.deepcopy comes through __setstate__; river's clone(include_attributes=True) copies
-    # attribute by attribute, which the per-sample methods notice (``_bound_to`` is not self).
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_pointers", "_address", "_bound_to")}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._bind()
-
-    def _bind(self) -> None:
-        self._new_pointer_table()
-        self._publish()
-
-    def _new_pointer_table(self) -> None:
-        """Where the per-sample kernels find this model's arrays (``_publish`` fills it in)."""
-        self._pointers = fastpath.pointer_table()
-        self._address = self._pointers.ctypes.data
-        self._bound_to = self
-
     # ------------------------------------------------------------------ public API
 
     @property
@@ -276,7 +256,7 @@ class SparseFM(base.Classifier):
 
     # ------------------------------------------------------------------ encoding
 
-    def _encode(self, xs: Iterable[Mapping[str, Any]], learning: bool = False) -> _Encoded:
+    def _encode(self, xs: Iterable[Mapping[str, Any]], learning: bool = False) -> Encoded:
         """Encode a batch: absent keys get row -1 and are listed in ``misses``; but ``learning``
         while every key is admitted and none evicted, absent keys get new rows at once."""
         if learning and self._pointers[fastpath.M_MODE] == fastpath.MODE_ADD:
@@ -286,7 +266,7 @@ class SparseFM(base.Classifier):
 
     # ------------------------------------------------------------------ prediction
 
-    def _predict_encoded(self, encoded: _Encoded) -> np.ndarray:
+    def _predict_encoded(self, encoded: Encoded) -> np.ndarray:
         rows, vals, offsets, _ = encoded
         out = np.empty(len(offsets) - 1)
         _kernels.predict(
@@ -303,7 +283,7 @@ class SparseFM(base.Classifier):
 
     # ------------------------------------------------------------------ learning
 
-    def _learn_encoded(self, encoded: _Encoded, labels: np.ndarray) -> np.ndarray:
+    def _learn_encoded(self, encoded: Encoded, labels: np.ndarray) -> np.ndarray:
         rows, vals, offsets, misses = encoded
         n = len(offsets) - 1
         out = np.empty(n)
@@ -342,308 +322,10 @@ class SparseFM(base.Classifier):
         )  # fmt: skip
         self.samples_seen += stop - start
 
-    def _insert_missing(
-        self,
-        rows: np.ndarray,
-        offsets: Sequence[int] | np.ndarray,
-        misses: list[tuple[int, str]],
-        train_until: Callable[[int], None],
-    ) -> None:
-        """Give rows to the keys the index lacks, in sample order (admission, eviction).
-
-        A missing key was absent when the batch was encoded, so if it has a row now, that row
-        was given out by this call: ``added`` (key -> row) is the only place to look."""
-        if self.max_features is None and self.min_count <= 1:
-            # unbounded: every key is admitted and nothing is evicted, so no flush is needed
-            if not self._free:  # new rows in one compiled pass: a cold batch repeats its new keys
-                added = self._add_keys(*pack_keys([key for _, key in misses]))
-                for (j, _), row in zip(misses, added.tolist(), strict=True):
-                    rows[j] = row
-                return
-            get = self._fresh.get
-            for j, key in misses:
-                row = get(key, -1)
-                if row < 0:
-                    row = self._new_row(key)
-                rows[j] = row
-            self._init_new()
-            return
-        added: dict[str, int] = {}
-        s = 0
-        mi = 0
-        while mi < len(misses):
-            j, key = misses[mi]
-            mi += 1
-            while offsets[s + 1] <= j:
-                s += 1
-            row = added.get(key, -1)
-            if row < 0 and self._admit(key):
-                if self.max_features is not None and self.n_features >= self.max_features:
-                    # eviction reuses rows: train what came before this sample first, then look
-                    # up again every later reference to an evicted row
-                    self._init_new()
-                    train_until(s)
-                    # protect every row this sample uses, including keys it has yet to look up
-                    end = offsets[s + 1]
-                    protect = set(rows[offsets[s] : end])
-                    for q, other in itertools.islice(misses, mi, None):
-                        if q >= end:
-                            break
-                        protect.add(added.get(other, -1))
-                    evicted = self._evict(protect=protect - {-1})
-                    for gone in evicted.values():
-                        added.pop(gone, None)
-                    later = [(q, evicted[rows[q]]) for q in range(j + 1, len(rows)) if rows[q] in evicted]
-                    if later:
-                        for q, _ in later:
-                            rows[q] = -1
-                        misses = sorted(misses[mi:] + later)
-                        mi = 0
-                if self.max_features is None or self.n_features < self.max_features:
-                    row = self._new_row(key)
-                    added[key] = row
-                else:
-                    self.n_rejected += 1  # this one sample holds every row the model may have
-            rows[j] = row
-        self._init_new()
-
-    def _admit(self, key: str) -> bool:
-        if self.min_count <= 1:
-            return True
-        seen = self._pending.pop(key, 0) + 1
-        if seen >= self.min_count:
-            return True
-        self._pending[key] = seen  # re-inserted last: the table forgets the oldest first
-        self.n_rejected += 1
-        if len(self._pending) > self.admission_capacity:
-            for old in list(itertools.islice(self._pending, len(self._pending) // 2 or 1)):
-                del self._pending[old]
-        return False
-
-    def _add_keys(self, data: bytes | np.ndarray, lengths: bytes | np.ndarray) -> np.ndarray:
-        """The rows of the packed keys when every key is admitted and none evicted (unbounded,
-        no free row): the absent ones get new rows in order of first appearance, as ``_new_row``
-        gives them, in one compiled pass that also starts them afresh (``fastpath.add_rows``)."""
-        n_keys = len(lengths)
-        rows = np.empty(n_keys, np.int64)
-        next_row = self._n_rows
-        done = 0
-        while True:
-            done, next_row = fastpath.add_rows(
-                data, lengths, done, next_row, self._w.shape[0], rows, *self._index.add_args,
-                self._seed64, self.init_std, self._w, self._V, self._gw, self._gV, self._last,
-            )  # fmt: skip
-            if done == n_keys:
-                break
-            # out of room: grow what is short (the first call of a batch finds it, then one more)
-            if next_row == self._w.shape[0]:
-                self._alloc(_grown(self._w.shape[0]))
-            left = n_keys - done
-            self._index.make_room(left, len(data), min(next_row + left, self._w.shape[0]))
-        self._n_rows = next_row
-        return rows
-
-    def _new_row(self, key: str) -> int:
-        """Give ``key`` a row; ``_init_new`` enters it in the index and sets its parameters."""
-        if self._free:
-            row = self._free.pop()
-        else:
-            row = self._n_rows
-            if row == self._w.shape[0]:
-                self._alloc(_grown(row))
-            self._n_rows += 1
-        self._fresh[key] = row
-        return row
-
-    def _init_new(self) -> None:
-        """Index the fresh keys and start their rows from scratch: w = 0, optimizer state 0,
-        untouched, V from (seed, key)."""
-        fresh = self._fresh
-        if fresh:
-            rows = np.fromiter(fresh.values(), np.int64, len(fresh))
-            self._index.insert(list(fresh), rows)
-            self._reset(rows)
-            fresh.clear()
-
-    def _reset(self, rows: np.ndarray) -> None:
-        """w = 0, optimizer state 0, untouched, V from (seed, key) for ``rows`` (keys indexed)."""
-        i = self._index
-        _kernels.reset_rows(
-            rows, i.key_start, i.key_length, i.arena, self._seed64, self.init_std,
-            self._w, self._V, self._gw, self._gV, self._last,
-        )  # fmt: skip
-
-    def _evict(self, protect: set[int]) -> dict[int, str]:
-        """Free the least recently updated 1/64 of the rows, never those in ``protect``.
-
-        Returns the evicted rows with the keys they held.
-        """
-        assert self.max_features is not None
-        stamps = self._last[: self._n_rows].copy()
-        top = np.iinfo(np.int64).max
-        stamps[self._free] = top
-        stamps[list(protect)] = top
-        n_evict = min(max(1, self.max_features // 64), self._n_rows)
-        chosen = np.argpartition(stamps, n_evict - 1)[:n_evict]
-        rows = sorted(int(r) for r in chosen if stamps[r] != top)
-        evicted = dict(zip(rows, self._index.remove(rows), strict=True))
-        self._free.extend(rows)
-        self.n_evicted += len(evicted)
-        return evicted
-
-    def _alloc(self, capacity: int) -> None:
-        """Grow (or create) the parameter slabs to ``capacity`` rows, keeping their contents."""
-        k = self.n_factors
-        adagrad = self._opt == _kernels.OPT_ADAGRAD
-        # the old arrays stay alive until the pointer table no longer points at them
-        olds = [getattr(self, name, None) for name in ("_w", "_V", "_gw", "_gV", "_last")]
-        n_old = 0 if olds[0] is None else olds[0].shape[0]
-
-        def grow(a: np.ndarray | None, shape: tuple[int, ...], fill: float) -> np.ndarray:
-            new = np.full(shape, fill, dtype=np.float64 if fill != _UNTOUCHED else np.int64)
-            if a is not None and a.shape[0]:
-                new[:n_old] = a
-            return new
-
-        rows, factors = (capacity,), (capacity, k)
-        shapes = (rows, factors, rows if adagrad else (0,), factors if adagrad else (0, k), rows)
-        fills = (0.0, 0.0, 0.0, 0.0, _UNTOUCHED)
-        self._w, self._V, self._gw, self._gV, self._last = map(grow, olds, shapes, fills)
-        self._publish()
-        del olds
-
-    def _publish(self) -> None:
-        """Point the per-sample kernels at the current arrays (after any of them changes) and
-        tell them how to find rows: adding absent keys themselves only while every key is
-        admitted and none evicted (else ``learn_one`` takes the Python path for new keys)."""
-        if self.hash_bits is not None:
-            mode = fastpath.MODE_HASH
-        elif self.max_features is None and self.min_count <= 1 and not self._free:
-            mode = fastpath.MODE_ADD
-        else:
-            mode = fastpath.MODE_LOOKUP
-        fastpath.publish(
-            self._pointers, bias=self._bias, w=self._w, V=self._V, gw=self._gw, gV=self._gV, last=self._last,
-            counts=self._counts, hp=self._hp, index=self._index, opt=self._opt, mode=mode, seed=self.seed,
-            hash_bits=self.hash_bits,
-        )  # fmt: skip
-
-    # ------------------------------------------------------------------ state export / import
-
     def get_config(self) -> dict[str, Any]:
         """The constructor arguments, JSON-able."""
         return {name: getattr(self, name) for name in _PARAMS}
 
-    def export_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """Everything needed to continue learning bit for bit: named arrays plus a JSON-able dict.
-
-        No pickle: arrays are plain numeric ``ndarray``s; feature keys are stored as their UTF-8
-        bytes (``surrogatepass``) back to back plus offsets, so any string round-trips exactly.
-        The returned arrays are copies, safe to hand to another thread.
-        """
-        return self.capture_state().materialize()
-
-    def capture_state(self, buffers: dict[str, np.ndarray] | None = None) -> StateCapture:
-        """The fast half of :meth:`export_state`: a consistent copy of the state, taken while the
-        caller holds the model still (parameter arrays copied, key strings referenced: they are
-        immutable). ``materialize()`` does the rest and may run on another thread.
-
-        ``buffers`` (name -> array, owned by the caller and filled in here) lets a periodic
-        writer copy into memory it already holds: copying into fresh memory costs a page fault
-        per 4 KiB, several times the copy itself. The arrays returned are then views into those
-        buffers, valid until the next capture into them.
-        """
-        n = self._n_rows
-        arrays = {"bias": self._bias.copy(), "free": np.array(self._free, np.int64)}
-        for name, (a, count) in self._captured(n).items():
-            arrays[name] = _copy_rows(a, count, buffers, name)
-        keys = None
-        if self.hash_bits is None:  # the index's arrays, gathered into keys by materialize()
-            keys = tuple(arrays.pop(name) for name in ("key_start", "key_length", "key_arena"))
-        meta = {
-            "class": type(self).__name__,
-            "state_format": _STATE_FORMAT,
-            "config": self.get_config(),
-            "samples_seen": self.samples_seen,
-            "n_features": self.n_features,
-            "n_rows": n,
-            "n_evicted": self.n_evicted,
-            "n_rejected": self.n_rejected,
-            "n_skipped": self.n_skipped,
-            "n_trained_rows": int(self._counts[1]),
-        }
-        return StateCapture(arrays, meta, keys, list(self._pending.items()))
-
-    def reserve_buffers(self, buffers: dict[str, np.ndarray]) -> int:
-        """Grow ``buffers`` for :meth:`capture_state` ahead of need, touching every page.
-
-        A periodic writer calls this on its own thread between snapshots, so that the capture on
-        the learner's thread is a plain copy, never a page fault. Returns the row count up to
-        which the buffers fit.
-        """
-        n = self._n_rows
-        for name, (a, count) in self._captured(n).items():
-            target = count + count // 4 + 1024
-            buf = buffers.get(name)
-            if buf is None or buf.shape[0] < target or buf.shape[1:] != a.shape[1:] or buf.dtype != a.dtype:
-                buf = np.zeros((target, *a.shape[1:]), a.dtype)
-                buf.fill(0)  # np.zeros maps lazily: write every page now
-                buffers[name] = buf
-        return min(buffers[name].shape[0] for name in ("w", "V", "last"))
-
-    def _captured(self, n: int) -> dict[str, tuple[np.ndarray, int]]:
-        """The arrays a state capture copies, by name, each with the length of its prefix in
-        use: the per-row parameter arrays (``n`` rows) and the key index's."""
-        arrays = {"w": (self._w, n), "V": (self._V, n), "last": (self._last, n)}
-        if self._gw.shape[0]:
-            arrays.update(gw=(self._gw, n), gV=(self._gV, n))
-        if self.hash_bits is None:
-            arrays.update(self._index.parts(n))
-        return arrays
-
-    @classmethod
-    def from_state(cls, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> SparseFM:
-        """Rebuild a model from :meth:`export_state` output (arrays may be read-only/memory-mapped)."""
-        if meta.get("class") != cls.__name__ or meta.get("state_format") != _STATE_FORMAT:
-            raise ConfigError(
-                "state_format",
-                (meta.get("class"), meta.get("state_format")),
-                f"({cls.__name__!r}, {_STATE_FORMAT})",
-            )
-        model = cls(**meta["config"])
-        n = int(meta["n_rows"])
-        k = model.n_factors
-        expect = {"bias": (2,), "w": (n,), "V": (n, k), "last": (n,)}
-        if model._gw.shape[0]:
-            expect.update(gw=(n,), gV=(n, k))
-        for name, shape in expect.items():
-            if name not in arrays or tuple(arrays[name].shape) != shape:
-                got = None if name not in arrays else tuple(arrays[name].shape)
-                raise ConfigError(f"state array {name!r}", got, f"shape {shape}")
-        if model.hash_bits is None:
-            model._alloc(max(1024, n))
-        model._n_rows = n
-        model._bias[:] = arrays["bias"]
-        model._w[:n] = arrays["w"]
-        model._V[:n] = arrays["V"]
-        model._last[:n] = arrays["last"]
-        if model._gw.shape[0]:
-            model._gw[:n] = arrays["gw"]
-            model._gV[:n] = arrays["gV"]
-        model._free = [int(r) for r in arrays["free"]]
-        if model.hash_bits is None:
-            model._index = KeyIndex.from_keys(arrays["key_bytes"], arrays["key_offsets"], model._free)
-        if "pending_counts" in arrays:
-            pending = decode_keys(arrays["pending_key_bytes"], arrays["pending_key_offsets"])
-            model._pending = dict(zip(pending, arrays["pending_counts"].tolist(), strict=True))
-        model.samples_seen = int(meta["samples_seen"])
-        model.n_evicted = int(meta["n_evicted"])
-        model.n_rejected = int(meta["n_rejected"])
-        model._counts[:2] = [int(meta["n_skipped"]), int(meta["n_trained_rows"])]
-        model._publish()  # a new index, free rows
-        return model
-
-    # river: parameters for clone() / repr
     @classmethod
     def _unit_test_params(cls):
         yield {"seed": 42}
@@ -663,64 +345,6 @@ _PARAMS = (
     "hash_bits",
     "seed",
 )
-
-
-class StateCapture:
-    """A model's state copied at one instant (:meth:`SparseFM.capture_state`)."""
-
-    def __init__(
-        self,
-        arrays: dict[str, np.ndarray],
-        meta: dict[str, Any],
-        keys: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
-        pending: list[tuple[str, int]],
-    ) -> None:
-        self.arrays, self.meta, self._keys, self._pending = arrays, meta, keys, pending
-
-    def materialize(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """(arrays, meta) as :meth:`SparseFM.export_state` returns them: keys encoded to bytes."""
-        arrays = dict(self.arrays)
-        if self._keys is not None:
-            arrays["key_bytes"], arrays["key_offsets"] = gather_keys(*self._keys)
-        if self._pending:
-            arrays["pending_key_bytes"], arrays["pending_key_offsets"] = encode_keys(
-                k for k, _ in self._pending
-            )
-            arrays["pending_counts"] = np.array([c for _, c in self._pending], np.int64)
-        return arrays, dict(self.meta)
-
-
-def encode_rows(
-    xs: Iterable[Mapping[str, Any]], index: KeyIndex, hashing: tuple[int, int] | None
-) -> _Encoded:
-    """Feature dicts -> (rows, x values, CSR offsets, misses): keys encoded in C, then looked up
-    in ``index`` all at once (or hashed, if ``hashing`` = (CRC-32 start, mask) is given);
-    ``misses`` are the (position, key) of the keys absent (row -1)."""
-    data, lengths, vals, offsets = encode_batch(xs)
-    if hashing is not None:
-        rows = np.empty(lengths.shape[0], np.int64)
-        fastpath.bucket_rows(data, lengths, hashing[0], hashing[1], rows)
-        return rows, vals, offsets, []
-    rows, absent = index.lookup_packed(data, lengths)
-    return rows, vals, offsets, list(zip(absent, keys_at(data, lengths, absent), strict=True))
-
-
-def _grown(capacity: int) -> int:
-    """The next capacity of the parameter slabs: half as much again (amortised O(1) growth that
-    leaves at most a third of the memory unused, where doubling may leave half)."""
-    return capacity + capacity // 2
-
-
-def _copy_rows(a: np.ndarray, n: int, buffers: dict[str, np.ndarray] | None, name: str) -> np.ndarray:
-    """``a[:n].copy()``, into ``buffers[name]`` when given (grown with a quarter of headroom)."""
-    if buffers is None:
-        return a[:n].copy()
-    buf = buffers.get(name)
-    if buf is None or buf.shape[0] < n or buf.shape[1:] != a.shape[1:] or buf.dtype != a.dtype:
-        buf = buffers[name] = np.empty((n + n // 4 + 1024, *a.shape[1:]), a.dtype)
-    out = buf[:n]
-    np.copyto(out, a[:n])
-    return out
 
 
 def _label(y: Any) -> float:
