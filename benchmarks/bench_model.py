@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import datasets
 from common import machine, one_hot, print_table
 
-from stream_fm import SparseFM, _kernels
+from stream_fm import SparseFM, updates
 
 BATCH = 4096
 
@@ -109,7 +109,7 @@ def speed(stream_name: str, stream: datasets.Stream, river_n: int) -> list[tuple
     def update_only() -> None:
         for rws, vals, offs, labels in arrays:
             out = np.empty(len(offs) - 1)
-            _kernels.learn(
+            updates.learn(
                 rws, vals, offs, labels, model.samples_seen, model._opt, model._hp, model._bias, model._w,
                 model._V, model._gw, model._gV, model._last, out, model._counts,
             )  # fmt: skip

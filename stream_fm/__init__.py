@@ -5,6 +5,7 @@ from __future__ import annotations
 from stream_fm import kernelcache as _kernelcache
 
 _kernelcache.seed_from_env()  # prebuilt kernels into numba's cache, before numba loads any
+_kernelcache.drop_stale()  # and none compiled from other sources than these
 
 from stream_fm.errors import (  # noqa: E402
     ConfigError,

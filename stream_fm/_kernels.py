@@ -27,24 +27,14 @@ import numba as nb
 import numpy as np
 
 __all__ = [
-    "OPT_ADAGRAD",
-    "OPT_SGD",
     "bucket_seeds",
     "init_rows",
     "key_seeds",
-    "learn",
     "predict",
     "predict_one",
     "reset_rows",
 ]
 
-OPT_SGD = 0
-OPT_ADAGRAD = 1
-
-# hyper-parameter vector layout (one array keeps the numba call cheap)
-HP_LR, HP_L2W, HP_L2V, HP_CLIP, HP_EPS = range(5)
-
-_DBL_MAX = np.finfo(np.float64).max
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
@@ -147,32 +137,6 @@ def _proba(z):
     return _sigmoid(z)
 
 
-@nb.njit(cache=True, error_model="numpy", inline="always")
-def _dloss(y, z):
-    """dL/dy_hat of L = -ln sigma(y z) for y in {-1, +1}: -y sigma(-y z), without overflow."""
-    m = y * z
-    if m >= 0.0:
-        e = math.exp(-m)
-        return -y * e / (1.0 + e)
-    return -y / (1.0 + math.exp(m))
-
-
-@nb.njit(cache=True, error_model="numpy", inline="always")
-def _clip(g, c):
-    # min/max compile to branch-free instructions (the factor loop vectorises); NaN stays NaN
-    return min(max(g, -c), c)
-
-
-@nb.njit(cache=True, error_model="numpy", inline="always")
-def _all_finite(a, n):
-    """True if the first n values of C-contiguous ``a`` are finite (an OR-reduction that vectorises)."""
-    flat = a.reshape(-1)
-    bad = False
-    for i in range(n):
-        bad |= not (abs(flat[i]) <= _DBL_MAX)
-    return not bad
-
-
 @nb.njit(cache=True, error_model="numpy")
 def _scratch(offsets):
     """Per-call scratch sized for the widest sample: (width, rows, x values, new flags)."""
@@ -272,102 +236,3 @@ def predict(rows, vals, offsets, bias, w, V, last, out):
     for s in range(n):
         m = _gather(rows, vals, offsets[s], offsets[s + 1], last, False, cr, cx, cnew)
         out[s] = _proba(bias[0] + _raw(cr, cx, m, w, V, sums))
-
-
-@nb.njit(cache=True, error_model="numpy")
-def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last, out, counts):
-    """Sequential SGD/AdaGrad over samples ``0..n-1``, one sample at a time.
-
-    ``out[s]`` receives the probability predicted for sample s before its own update (untouched
-    rows excluded, as in ``predict``). ``counts[0]`` += updates skipped because they would have
-    left a non-finite value in the model; ``counts[1]`` += rows trained for the first time.
-    Every updated row is stamped ``last[r] = step0 + s`` (least-recently-updated eviction).
-    """
-    k = V.shape[1]
-    n = offsets.shape[0] - 1
-    lr = hp[HP_LR]
-    l2w = hp[HP_L2W]
-    l2v = hp[HP_L2V]
-    clip = hp[HP_CLIP]
-    eps = hp[HP_EPS]
-    adagrad = opt == OPT_ADAGRAD
-    width, cr, cx, cnew = _scratch(offsets)
-    new_w = np.empty(width, np.float64)
-    new_gw = np.empty(width, np.float64)
-    new_V = np.empty((width, k), np.float64)
-    new_gV = np.empty((width, k), np.float64)
-    sums = np.empty(k, np.float64)
-    for s in range(n):
-        m = _gather(rows, vals, offsets[s], offsets[s + 1], last, True, cr, cx, cnew)
-        w0 = bias[0]
-        y_hat = w0 + _raw(cr, cx, m, w, V, sums)
-        any_new = False
-        for j in range(m):
-            any_new |= cnew[j]
-        if any_new:
-            # what predict_proba_one would have said: rows never trained do not count yet
-            out[s] = _proba(w0 + _raw_old(cr, cx, cnew, m, w, V))
-        else:
-            out[s] = _proba(y_hat)
-
-        if not math.isfinite(y_hat):
-            counts[0] += 1
-            continue
-        g = _dloss(2.0 * labels[s] - 1.0, y_hat)
-
-        # Compute every new value first and commit only if all are finite, so that no sample
-        # can leave NaN/inf in the model, whatever its inputs or the learning rate.
-        g0 = _clip(g, clip)
-        if adagrad:
-            new_g0 = bias[1] + g0 * g0
-            new_w0 = w0 - lr * g0 / math.sqrt(new_g0 + eps)
-        else:
-            new_g0 = bias[1]
-            new_w0 = w0 - lr * g0
-        for j in range(m):
-            r = cr[j]
-            x = cx[j]
-            xx = x * x
-            wr = w[r]
-            gr = _clip(g * x + l2w * wr, clip)
-            if adagrad:
-                acc = gw[r] + gr * gr
-                nw = wr - lr * gr / math.sqrt(acc + eps)
-                new_gw[j] = acc
-                for f in range(k):
-                    v = V[r, f]
-                    gv = _clip(g * (x * sums[f] - v * xx) + l2v * v, clip)
-                    a2 = gV[r, f] + gv * gv
-                    nv = v - lr * gv / math.sqrt(a2 + eps)
-                    new_gV[j, f] = a2
-                    new_V[j, f] = nv
-            else:
-                nw = wr - lr * gr
-                for f in range(k):
-                    v = V[r, f]
-                    nv = v - lr * _clip(g * (x * sums[f] - v * xx) + l2v * v, clip)
-                    new_V[j, f] = nv
-            new_w[j] = nw
-        finite = _all_finite(new_V, m * k) and _all_finite(new_w, m) and math.isfinite(new_w0)
-        if adagrad:
-            finite = finite and _all_finite(new_gV, m * k) and _all_finite(new_gw, m)
-            finite = finite and math.isfinite(new_g0)
-        if not finite:
-            counts[0] += 1
-            continue
-
-        stamp = step0 + s
-        bias[0] = new_w0
-        bias[1] = new_g0
-        for j in range(m):
-            r = cr[j]
-            if cnew[j]:
-                counts[1] += 1
-            last[r] = stamp
-            w[r] = new_w[j]
-            for f in range(k):
-                V[r, f] = new_V[j, f]
-            if adagrad:
-                gw[r] = new_gw[j]
-                for f in range(k):
-                    gV[r, f] = new_gV[j, f]

@@ -24,7 +24,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from stream_fm import _encode, _kernels, features
+from stream_fm import _encode, _kernels, features, updates
 from stream_fm.errors import FeatureError
 from stream_fm.keyindex import (
     I_ARENA,
@@ -43,6 +43,7 @@ from stream_fm.keyindex import (
     _hash,
     add_keys,
 )
+from stream_fm.updates import HP_SIZE, HP_STD
 
 __all__ = [
     "MODE_ADD",
@@ -58,7 +59,7 @@ __all__ = [
 
 # the model's pointer table
 (M_BIAS, M_W, M_V, M_GW, M_GV, M_LAST, M_COUNTS, M_HP, M_INDEX, M_ROWS, M_K, M_OPT, M_GW_ROWS, M_MODE,
- M_SEED, M_HASH_SALT, M_HASH_MASK, M_SIZE) = range(18)  # fmt: skip
+ M_SEED, M_HASH_SALT, M_HASH_MASK, M_GV_COLS, M_SIZE) = range(19)  # fmt: skip
 # how rows are found: in the index (absent keys: the Python path), in the index adding absent
 # keys (unbounded model), or by hashing
 MODE_LOOKUP, MODE_ADD, MODE_HASH = range(3)
@@ -66,8 +67,7 @@ MODE_LOOKUP, MODE_ADD, MODE_HASH = range(3)
 C_SKIPPED, C_TRAINED, C_SAMPLES, C_ROWS = range(4)
 # the sample table the C encoder fills (_encode.c's S_* enum)
 S_N, S_DATA, S_BYTES, S_LENGTHS, S_VALS, S_ROWS, S_LABEL = range(7)
-# hyper-parameter vector: the kernels' five, then init_std
-HP_STD = 5
+BIAS_SIZE = 3  # [w0, its accumulator, the normalized optimizer's sum of sample norms]
 
 
 def pointer_table() -> np.ndarray:
@@ -101,7 +101,8 @@ def publish(
         w.shape[0] != V.shape[0]
         or w.shape[0] != last.shape[0]
         or counts.shape[0] < 4
-        or hp.shape[0] <= HP_STD
+        or hp.shape[0] != HP_SIZE
+        or bias.shape[0] != BIAS_SIZE
     ):
         raise ValueError("inconsistent model arrays")
     table[M_BIAS] = bias.ctypes.data
@@ -117,6 +118,7 @@ def publish(
     table[M_K] = V.shape[1]
     table[M_OPT] = opt
     table[M_GW_ROWS] = gw.shape[0]
+    table[M_GV_COLS] = gV.shape[1]
     table[M_MODE] = mode
     table[M_SEED] = np.uint64(seed).view(np.int64)
     table[M_HASH_SALT], table[M_HASH_MASK] = hashing(seed, hash_bits) or (0, 0)
@@ -205,9 +207,9 @@ def _sample(sample):
 def _params(m):
     """(bias, w, V, gw, gV, last) from a model's pointer table."""
     nr, k, ng = m[M_ROWS], m[M_K], m[M_GW_ROWS]
-    bias = _array(m[M_BIAS], (2,), np.float64)
+    bias = _array(m[M_BIAS], (BIAS_SIZE,), np.float64)
     w, V = _array(m[M_W], (nr,), np.float64), _array(m[M_V], (nr, k), np.float64)
-    gw, gV = _array(m[M_GW], (ng,), np.float64), _array(m[M_GV], (ng, k), np.float64)
+    gw, gV = _array(m[M_GW], (ng,), np.float64), _array(m[M_GV], (ng, m[M_GV_COLS]), np.float64)
     return bias, w, V, gw, gV, _array(m[M_LAST], (nr,), np.int64)
 
 
@@ -262,7 +264,7 @@ def _learn_one(model, sample):
     n = lengths.shape[0]
     bias, w, V, gw, gV, last = _params(m)
     counts = _array(m[M_COUNTS], (C_ROWS + 1,), np.int64)
-    hp = _array(m[M_HP], (HP_STD + 1,), np.float64)
+    hp = _array(m[M_HP], (HP_SIZE,), np.float64)
     if m[M_MODE] == MODE_ADD:
         # absent keys get the next rows, started afresh, as SparseFM._add_keys gives them
         seed = np.uint64(m[M_SEED])
@@ -279,7 +281,7 @@ def _learn_one(model, sample):
     labels = np.full(1, float(label))
     out = np.empty(1)
     step = counts[C_SAMPLES]
-    _kernels.learn(rows, vals, offsets, labels, step, m[M_OPT], hp, bias, w, V, gw, gV, last, out, counts)
+    updates.learn(rows, vals, offsets, labels, step, m[M_OPT], hp, bias, w, V, gw, gV, last, out, counts)
     counts[C_SAMPLES] += 1
     return 0.0
 

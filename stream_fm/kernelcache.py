@@ -13,6 +13,11 @@ import) and the first ``learn_batch`` about 3 s more; with the cache warm, the i
   ``NUMBA_CACHE_DIR`` at the kernels it was built with. ``STREAM_FM_KERNEL_CACHE=DIR`` names such
   a directory (filled by ``stream-fm warmup`` at build time): on import, stream-fm copies what it
   holds into ``NUMBA_CACHE_DIR`` (a writable place, e.g. an emptyDir on /tmp) before numba looks.
+- numba checks a cached kernel against its own source file only, not against the files of the
+  kernels it calls: after an upgrade that changed ``updates.py`` but not ``fastpath.py``, the
+  per-sample kernels would run the old update rule. :func:`drop_stale` (on import) keeps a
+  fingerprint of every source file of the package beside the cache and empties the cache of
+  stream-fm's kernels when it differs.
 - numba keys cached code by the CPU it was compiled for: an image built on one CPU model and run
   on another compiles again, unless both set ``NUMBA_CPU_NAME=generic`` (portable x86-64 code;
   the Dockerfile does). See the README for what that costs.
@@ -20,6 +25,7 @@ import) and the first ``learn_batch`` about 3 s more; with the cache warm, the i
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -27,11 +33,70 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["report", "seed_from_env", "warm"]
+__all__ = ["drop_stale", "fingerprint", "report", "seed_from_env", "warm"]
 
 log = logging.getLogger(__name__)
 
 SEED_VARIABLE = "STREAM_FM_KERNEL_CACHE"
+MARKER = "stream_fm.fingerprint"
+PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def fingerprint() -> str:
+    """sha256 of numba's version and every source file of the package (what kernels depend on)."""
+    from importlib.metadata import version
+
+    digest = hashlib.sha256(version("numba").encode())
+    for name in sorted(os.listdir(PACKAGE)):
+        if name.endswith((".py", ".c")):
+            with open(os.path.join(PACKAGE, name), "rb") as f:
+                digest.update(name.encode() + b"\0" + f.read())
+    return digest.hexdigest()
+
+
+def _cache_dirs() -> list[str]:
+    """Where numba keeps this package's compiled kernels (its own locator rules)."""
+    try:
+        from numba.core.caching import _CacheLocator
+        from numba.misc.appdirs import AppDirs
+    except ImportError:  # another numba layout: nothing to guard
+        return []
+    subpath = _CacheLocator.get_suitable_cache_subpath(os.path.join(PACKAGE, "model.py"))
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return [os.path.join(os.environ["NUMBA_CACHE_DIR"], subpath)]
+    user_wide = AppDirs(appname="numba", appauthor=False).user_cache_dir
+    return [os.path.join(PACKAGE, "__pycache__"), os.path.join(user_wide, subpath)]
+
+
+def drop_stale() -> int:
+    """Delete this package's cached kernels wherever the fingerprint beside them is not the
+    current one (then write it); returns how many files were deleted. Runs on import."""
+    current = fingerprint()
+    deleted = 0
+    for folder in _cache_dirs():
+        marker = os.path.join(folder, MARKER)
+        try:
+            with open(marker, encoding="ascii") as f:
+                if f.read().strip() == current:
+                    continue
+        except OSError:
+            pass
+        try:
+            if os.path.isdir(folder):
+                for name in os.listdir(folder):
+                    if name.endswith((".nbi", ".nbc")):
+                        os.unlink(os.path.join(folder, name))
+                        deleted += 1
+            os.makedirs(folder, exist_ok=True)
+            tmp = f"{marker}.{os.getpid()}.tmp"
+            with open(tmp, "w", encoding="ascii") as f:
+                f.write(current + "\n")
+            os.replace(tmp, marker)
+        except OSError:  # a read-only place: numba will not use it either
+            continue
+    if deleted:
+        log.info("dropped %d cached kernels compiled from other sources", deleted)
+    return deleted
 
 
 def seed_from_env() -> int:
@@ -86,6 +151,7 @@ def warm() -> None:
     labels = [i % 3 == 0 for i in range(64)]
     settings: list[dict[str, Any]] = [
         {},
+        {"optimizer": "adagrad"},
         {"optimizer": "sgd"},
         {"max_features": 8},
         {"min_count": 2},

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from river import base
 
-from stream_fm import _encode, _kernels, fastpath
+from stream_fm import _encode, _kernels, fastpath, updates
 from stream_fm.errors import ConfigError, LabelError
 from stream_fm.features import encode_batch
 from stream_fm.keyindex import KeyIndex, encode_keys
@@ -29,8 +29,9 @@ from stream_fm.state import StateCapture, StateIO
 
 __all__ = ["SparseFM", "StateCapture", "encode_rows"]
 
-_OPTIMIZERS = {"sgd": _kernels.OPT_SGD, "adagrad": _kernels.OPT_ADAGRAD}
 _ADAGRAD_EPS = 1e-8
+_DEFAULT_RATES = {"normalized": 1.0, "adagrad": 0.06, "sgd": 0.06}
+_DEFAULT_BIAS_RATE = 1.5
 
 
 class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
@@ -45,11 +46,19 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
     n_factors
         Dimension k of the latent vectors. 1 to 256.
     optimizer
-        ``"adagrad"`` (a per-parameter rate ``learning_rate / sqrt(sum g^2)``: frequent features
-        slow down, rare ones keep learning, which suits Zipf-distributed ids) or ``"sgd"``
-        (a constant rate: the reference's algorithm).
+        ``"normalized"`` (the default: AdaGrad invariant to the unit of each numeric feature and
+        to the number of features per sample, with accumulators that start at
+        ``initial_accumulator`` and a bias of its own rate; see :mod:`stream_fm.updates`),
+        ``"adagrad"`` (a per-parameter rate ``learning_rate / sqrt(sum g^2)``) or ``"sgd"`` (a
+        constant rate: the reference's algorithm).
     learning_rate
-        Step size, > 0.
+        Step size, > 0. None: the optimizer's own (1.0 normalized, 0.06 adagrad and sgd).
+    bias_learning_rate
+        The normalized optimizer's step size for the bias, > 0. None: 1.5 for normalized (the
+        other optimizers step the bias with ``learning_rate``).
+    initial_accumulator
+        The normalized optimizer's accumulators start here, >= 0: a feature's first steps are
+        ``learning_rate * g / sqrt(initial_accumulator + g^2)``, measured rather than full.
     l2_w, l2_v
         L2 penalties on the linear weights and on the latent vectors, >= 0, applied (lazily) to
         the rows a sample touches.
@@ -104,11 +113,13 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
     def __init__(
         self,
         n_factors: int = 8,
-        optimizer: str = "adagrad",
-        learning_rate: float = 0.06,
+        optimizer: str = "normalized",
+        learning_rate: float | None = None,
+        bias_learning_rate: float | None = None,
+        initial_accumulator: float = 0.2,
         l2_w: float = 0.0,
         l2_v: float = 1e-4,
-        init_std: float = 0.01,
+        init_std: float = 0.02,
         clip_gradient: float = 100.0,
         max_features: int | None = None,
         min_count: int = 1,
@@ -117,10 +128,16 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
         seed: int = 0,
     ) -> None:
         self.n_factors = _check_int("n_factors", n_factors, 1, 256)
-        if optimizer not in _OPTIMIZERS:
-            raise ConfigError("optimizer", optimizer, f"one of {sorted(_OPTIMIZERS)}")
+        if optimizer not in updates.OPTIMIZERS:
+            raise ConfigError("optimizer", optimizer, f"one of {sorted(updates.OPTIMIZERS)}")
         self.optimizer = optimizer
+        if learning_rate is None:  # each optimizer's own scale
+            learning_rate = _DEFAULT_RATES[optimizer]
         self.learning_rate = _check_float("learning_rate", learning_rate, positive=True)
+        if bias_learning_rate is None:
+            bias_learning_rate = _DEFAULT_BIAS_RATE if optimizer == "normalized" else self.learning_rate
+        self.bias_learning_rate = _check_float("bias_learning_rate", bias_learning_rate, positive=True)
+        self.initial_accumulator = _check_float("initial_accumulator", initial_accumulator)
         self.l2_w = _check_float("l2_w", l2_w)
         self.l2_v = _check_float("l2_v", l2_v)
         self.init_std = _check_float("init_std", init_std)
@@ -137,16 +154,17 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
                 "None when max_features or min_count > 1 is set (hashing already fixes memory)",
             )
 
-        self._opt = _OPTIMIZERS[optimizer]
-        hp = [self.learning_rate, self.l2_w, self.l2_v, self.clip_gradient, _ADAGRAD_EPS, self.init_std]
-        self._hp = np.array(hp)  # _kernels.HP_* then fastpath.HP_STD
+        self._opt = updates.OPTIMIZERS[optimizer]
+        hp = [self.learning_rate, self.l2_w, self.l2_v, self.clip_gradient, _ADAGRAD_EPS, self.init_std,
+              self.bias_learning_rate, self.initial_accumulator]  # fmt: skip
+        self._hp = np.array(hp)  # updates.HP_*
         self._seed64 = np.uint64(self.seed)
         self._hashing = fastpath.hashing(self.seed, self.hash_bits)
         # [skipped, newly trained rows, samples seen, rows handed out]: written by kernels
         self._counts = np.zeros(4, np.int64)
         self.n_evicted = 0
         self.n_rejected = 0
-        self._bias = np.zeros(2)  # [w0, AdaGrad accumulator of w0]
+        self._bias = np.zeros(fastpath.BIAS_SIZE)  # [w0, its accumulator, sum of sample norms]
         self._index = KeyIndex()
         # keys given rows but not yet in the index nor initialised (``_init_new`` does both)
         self._fresh: dict[str, int] = {}
@@ -316,7 +334,7 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
             a, b = offsets[start], offsets[stop]
             r, v, o = np.array(rows[a:b], np.int64), vals[a:b], offsets[start : stop + 1] - a
             lab, o_ = labels[start:stop], out[start:stop]
-        _kernels.learn(
+        updates.learn(
             r, v, o, lab, self.samples_seen, self._opt, self._hp, self._bias,
             self._w, self._V, self._gw, self._gV, self._last, o_, self._counts,
         )  # fmt: skip
@@ -335,6 +353,8 @@ _PARAMS = (
     "n_factors",
     "optimizer",
     "learning_rate",
+    "bias_learning_rate",
+    "initial_accumulator",
     "l2_w",
     "l2_v",
     "init_std",

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from stream_fm import _kernels, fastpath
+from stream_fm import _kernels, fastpath, updates
 from stream_fm.features import encode_batch
 from stream_fm.keyindex import KeyIndex, keys_at, pack_keys
 
@@ -183,7 +183,8 @@ class Rows:
     def _alloc(self, capacity: int) -> None:
         """Grow (or create) the parameter slabs to ``capacity`` rows, keeping their contents."""
         k = self.n_factors
-        adagrad = self._opt == _kernels.OPT_ADAGRAD
+        stateful = self._opt != updates.OPT_SGD  # per-row optimizer state (accumulators, scale)
+        acc = (capacity, k + updates.extra_columns(self._opt))
         # the old arrays stay alive until the pointer table no longer points at them
         olds = [getattr(self, name, None) for name in ("_w", "_V", "_gw", "_gV", "_last")]
         n_old = 0 if olds[0] is None else olds[0].shape[0]
@@ -195,7 +196,7 @@ class Rows:
             return new
 
         rows, factors = (capacity,), (capacity, k)
-        shapes = (rows, factors, rows if adagrad else (0,), factors if adagrad else (0, k), rows)
+        shapes = (rows, factors, rows if stateful else (0,), acc if stateful else (0, k), rows)
         fills = (0.0, 0.0, 0.0, 0.0, UNTOUCHED)
         self._w, self._V, self._gw, self._gV, self._last = map(grow, olds, shapes, fills)
         self._publish()

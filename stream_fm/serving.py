@@ -62,7 +62,8 @@ class Predictor:
         config = snap.manifest["model"]["config"]
         a = snap.model_arrays
         try:
-            self._bias = np.array(a["bias"], np.float64)
+            self._bias = np.zeros(fastpath.BIAS_SIZE)  # w0 is all prediction reads of it
+            self._bias[0] = np.asarray(a["bias"], np.float64)[0]
             # np.asarray: a plain ndarray view of the memory map, which the kernels accept
             self._w, self._V, self._last = (np.ascontiguousarray(a[k]) for k in ("w", "V", "last"))
             seed, hash_bits = int(config["seed"]), config["hash_bits"]
@@ -80,7 +81,7 @@ class Predictor:
             empty = np.zeros((0, self._V.shape[1]))
             fastpath.publish(
                 self._pointers, bias=self._bias, w=self._w, V=self._V, gw=np.zeros(0), gV=empty,
-                last=self._last, counts=np.zeros(4, np.int64), hp=np.zeros(fastpath.HP_STD + 1),
+                last=self._last, counts=np.zeros(4, np.int64), hp=np.zeros(fastpath.HP_SIZE),
                 index=self._index, opt=0, seed=seed, hash_bits=hash_bits,
                 mode=fastpath.MODE_LOOKUP if hash_bits is None else fastpath.MODE_HASH,
             )  # fmt: skip

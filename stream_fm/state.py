@@ -16,7 +16,10 @@ from stream_fm.keyindex import KeyIndex, decode_keys, encode_keys, gather_keys
 
 __all__ = ["STATE_FORMAT", "StateCapture", "StateIO"]
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
+# 1: before the normalized optimizer (bias was [w0, accumulator]); read and migrated: the bias gets
+#    its third entry (the sum of sample norms, 0: format 1 models are adagrad or sgd, which ignore it)
+READABLE_FORMATS = (1, 2)
 
 
 class StateIO:
@@ -92,18 +95,23 @@ class StateIO:
     @classmethod
     def from_state(cls, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> Any:
         """Rebuild a model from :meth:`export_state` output (arrays may be read-only/memory-mapped)."""
-        if meta.get("class") != cls.__name__ or meta.get("state_format") != STATE_FORMAT:
+        version = meta.get("state_format")
+        if meta.get("class") != cls.__name__ or version not in READABLE_FORMATS:
             raise ConfigError(
                 "state_format",
-                (meta.get("class"), meta.get("state_format")),
-                f"({cls.__name__!r}, {STATE_FORMAT})",
+                (meta.get("class"), version),
+                f"({cls.__name__!r}, one of {READABLE_FORMATS}); this release writes {STATE_FORMAT}",
             )
         model = cls(**meta["config"])
         n = int(meta["n_rows"])
         k = model.n_factors
-        expect = {"bias": (2,), "w": (n,), "V": (n, k), "last": (n,)}
+        bias = np.asarray(arrays["bias"], np.float64) if "bias" in arrays else None
+        if version == 1 and bias is not None and bias.shape == (2,):
+            bias = np.concatenate([bias, [0.0]])
+        expect = {"bias": (model._bias.shape[0],), "w": (n,), "V": (n, k), "last": (n,)}
         if model._gw.shape[0]:
-            expect.update(gw=(n,), gV=(n, k))
+            expect.update(gw=(n,), gV=(n, model._gV.shape[1]))
+        arrays = {**arrays, "bias": bias} if bias is not None else arrays
         for name, shape in expect.items():
             if name not in arrays or tuple(arrays[name].shape) != shape:
                 got = None if name not in arrays else tuple(arrays[name].shape)

@@ -43,7 +43,7 @@ def test_precedence_defaults_file_env_flags(tmp_path):
         ({"file": "[modle]\nn_factors = 8\n"}, "modle", "one of the sections"),
         ({"file": '[model]\nn_factors = "eight"\n'}, "model.n_factors", "an integer >= 1 and <= 256"),
         ({"file": "[model]\nn_factors = 0\n"}, "model.n_factors", "an integer >= 1 and <= 256"),
-        ({"file": '[model]\noptimizer = "adam"\n'}, "model.optimizer", "one of adagrad, sgd"),
+        ({"file": '[model]\noptimizer = "adam"\n'}, "model.optimizer", "one of normalized, adagrad, sgd"),
         (
             {"file": "[model]\nhash_bits = 10\nmax_features = 100\n"},
             "model.hash_bits",

@@ -63,6 +63,15 @@ def test_a_worker_on_a_warmed_cache_compiles_nothing(tmp_path: Path) -> None:
     # the prebuilt directory was only read (this may run as root, whom write bits do not stop)
     assert sorted((p, p.stat().st_size, p.stat().st_mtime_ns) for p in built.rglob("*")) == before
 
+    # kernels compiled from other sources (an upgrade that changed a module a kernel calls, which
+    # numba does not notice) are dropped on import and compiled afresh
+    (marker,) = runtime.rglob("stream_fm.fingerprint")
+    current = marker.read_text()
+    marker.write_text("0" * 64 + "\n")
+    stale = {**base, "NUMBA_CACHE_DIR": str(runtime)}
+    report = json.loads(_run([sys.executable, "-c", WORKER, str(tmp_path / "snaps-stale")], stale))
+    assert report["compiled"] > 0 and marker.read_text() == current
+
     # and without the prebuilt kernels, the same worker does compile: the check above can fail
     cold = {**base, "NUMBA_CACHE_DIR": str(tmp_path / "cold")}
     report = json.loads(_run([sys.executable, "-c", WORKER, str(tmp_path / "snaps-cold")], cold))

@@ -1,0 +1,234 @@
+"""The update rules: one step of learning per sample, compiled (numba, nopython).
+
+Three optimizers, chosen per model (``SparseFM(optimizer=...)``):
+
+- ``"normalized"`` (the default): AdaGrad made invariant to the scale of each feature and to
+  the number of features a sample has. Each row keeps the largest |x| seen for its feature
+  (``N``, in an extra column of its factor accumulators) and learns as if x were ``x / N``: a
+  price in cents and one in millions take the same steps (VW's ``--normalized``; Ross, Mineiro
+  and Langford, "Normalized online learning", UAI 2013). The step of w and V is also divided by
+  the average squared norm of the (normalized) samples seen so far, so that a sample of 20
+  features moves the prediction about as far as one of 5. Accumulators start from
+  ``initial_accumulator``, so that a feature's first steps are measured, and the bias has a rate
+  of its own (``bias_learning_rate``): it tracks the base rate, which matters most when clicks
+  are rare. All of its state is per-coordinate sums (accumulators, the samples' norms) or maxima
+  (``N``), which merge by addition and by max.
+- ``"adagrad"``: per-parameter rates ``learning_rate / sqrt(sum g^2)``.
+- ``"sgd"``: a constant rate (the reference's algorithm).
+
+Every gradient component is clipped to +-``clip_gradient`` and a step that would leave a
+non-finite value anywhere is skipped whole (counted), whatever the optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+
+from stream_fm._kernels import _gather, _proba, _raw, _raw_old, _scratch
+
+__all__ = ["HP_SIZE", "OPTIMIZERS", "OPT_ADAGRAD", "OPT_NORMALIZED", "OPT_SGD", "extra_columns", "learn"]
+
+OPT_SGD, OPT_ADAGRAD, OPT_NORMALIZED = 0, 1, 2
+OPTIMIZERS = {"normalized": OPT_NORMALIZED, "adagrad": OPT_ADAGRAD, "sgd": OPT_SGD}
+
+# hyper-parameter vector layout (one array keeps the numba call cheap); HP_STD is for new rows
+HP_LR, HP_L2W, HP_L2V, HP_CLIP, HP_EPS, HP_STD, HP_LR_BIAS, HP_ACC0 = range(8)
+HP_SIZE = 8
+
+_DBL_MAX = np.finfo(np.float64).max
+
+
+def extra_columns(opt: int) -> int:
+    """Columns of a row's factor accumulators beyond the k factors (normalized: its scale N)."""
+    return 1 if opt == OPT_NORMALIZED else 0
+
+
+@nb.njit(cache=True, error_model="numpy", inline="always")
+def _dloss(y, z):
+    """dL/dy_hat of L = -ln sigma(y z) for y in {-1, +1}: -y sigma(-y z), without overflow."""
+    m = y * z
+    if m >= 0.0:
+        e = math.exp(-m)
+        return -y * e / (1.0 + e)
+    return -y / (1.0 + math.exp(m))
+
+
+@nb.njit(cache=True, error_model="numpy", inline="always")
+def _clip(g, c):
+    # min/max compile to branch-free instructions (the factor loop vectorises); NaN stays NaN
+    return min(max(g, -c), c)
+
+
+@nb.njit(cache=True, error_model="numpy", inline="always")
+def _all_finite(a, n):
+    """True if the first n values of C-contiguous ``a`` are finite (an OR-reduction that vectorises)."""
+    flat = a.reshape(-1)
+    bad = False
+    for i in range(n):
+        bad |= not (abs(flat[i]) <= _DBL_MAX)
+    return not bad
+
+
+@nb.njit(cache=True, error_model="numpy")
+def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last, out, counts):
+    """Sequential learning over samples ``0..n-1``, one sample at a time.
+
+    ``out[s]`` receives the probability predicted for sample s before its own update (untouched
+    rows excluded, as in ``predict``). ``counts[0]`` += updates skipped because they would have
+    left a non-finite value in the model; ``counts[1]`` += rows trained for the first time.
+    Every updated row is stamped ``last[r] = step0 + s`` (least-recently-updated eviction).
+    ``bias`` is [w0, its accumulator, the sum of the samples' normalized squared norms].
+    """
+    k = V.shape[1]
+    n = offsets.shape[0] - 1
+    lr = hp[HP_LR]
+    l2w = hp[HP_L2W]
+    l2v = hp[HP_L2V]
+    clip = hp[HP_CLIP]
+    eps = hp[HP_EPS]
+    lr_bias = hp[HP_LR_BIAS]
+    acc0 = hp[HP_ACC0]
+    adagrad = opt == OPT_ADAGRAD
+    normalized = opt == OPT_NORMALIZED
+    width, cr, cx, cnew = _scratch(offsets)
+    new_w = np.empty(width, np.float64)
+    new_gw = np.empty(width, np.float64)
+    new_V = np.empty((width, k), np.float64)
+    new_gV = np.empty((width, k), np.float64)
+    new_n = np.empty(width, np.float64)
+    sums = np.empty(k, np.float64)
+    for s in range(n):
+        m = _gather(rows, vals, offsets[s], offsets[s + 1], last, True, cr, cx, cnew)
+        w0 = bias[0]
+        y_hat = w0 + _raw(cr, cx, m, w, V, sums)
+        any_new = False
+        for j in range(m):
+            any_new |= cnew[j]
+        if any_new:
+            # what predict_proba_one would have said: rows never trained do not count yet
+            out[s] = _proba(w0 + _raw_old(cr, cx, cnew, m, w, V))
+        else:
+            out[s] = _proba(y_hat)
+
+        # after the report: predict_proba_one sees the parameters as they were
+        if normalized:
+            rescaled = False
+            for j in range(m):
+                r = cr[j]
+                scale = abs(cx[j])
+                if scale > gV[r, k]:
+                    if gV[r, k] == 0.0:
+                        # a row's first sample: its initial vector was drawn for x / N (N = |x|),
+                        # and is kept in the units of x, as every parameter is
+                        shrink = 1.0 / scale
+                    else:
+                        # a larger |x| than any before: what was learned at the smaller scale
+                        # overstated this feature's range; shrink it (as VW's normalized update)
+                        ratio = gV[r, k] / scale
+                        shrink = ratio * ratio
+                        w[r] *= shrink
+                    for f in range(k):
+                        V[r, f] *= shrink
+                    gV[r, k] = scale
+                    rescaled = True
+            if rescaled:
+                y_hat = w0 + _raw(cr, cx, m, w, V, sums)
+
+        if not math.isfinite(y_hat):
+            counts[0] += 1
+            continue
+        g = _dloss(2.0 * labels[s] - 1.0, y_hat)
+
+        # Compute every new value first and commit only if all are finite, so that no sample
+        # can leave NaN/inf in the model, whatever its inputs or the learning rate.
+        g0 = _clip(g, clip)
+        new_tot = 0.0
+        rate = lr
+        if normalized:
+            # each row's scale N (the largest |x| so far) and the sample's normalized norm
+            norm = 0.0
+            for j in range(m):
+                nr = gV[cr[j], k]  # the row's scale, updated above
+                new_n[j] = nr
+                if nr > 0.0:
+                    xt = cx[j] / nr
+                    norm += xt * xt
+            new_tot = bias[2] + norm
+            rate = lr * (step0 + s + 1) / new_tot if new_tot > 0.0 else lr
+            new_g0 = bias[1] + g0 * g0
+            new_w0 = w0 - lr_bias * g0 / math.sqrt(new_g0 + acc0)
+        elif adagrad:
+            new_g0 = bias[1] + g0 * g0
+            new_w0 = w0 - lr * g0 / math.sqrt(new_g0 + eps)
+        else:
+            new_g0 = bias[1]
+            new_w0 = w0 - lr * g0
+        for j in range(m):
+            r = cr[j]
+            x = cx[j]
+            xx = x * x
+            wr = w[r]
+            if normalized:
+                # AdaGrad on the parameters of x / N, written back in the units of x
+                inv = 1.0 / new_n[j] if new_n[j] > 0.0 else 0.0
+                # gradients, L2 and clipping in the units of x / N (the parameters times N)
+                gr = _clip(g * x * inv + l2w * wr * new_n[j], clip)
+                acc = gw[r] + gr * gr
+                nw = wr - rate * gr / math.sqrt(acc + acc0) * inv
+                new_gw[j] = acc
+                for f in range(k):
+                    v = V[r, f]
+                    gv = _clip(g * (x * sums[f] - v * xx) * inv + l2v * v * new_n[j], clip)
+                    a2 = gV[r, f] + gv * gv
+                    new_gV[j, f] = a2
+                    new_V[j, f] = v - rate * gv / math.sqrt(a2 + acc0) * inv
+            elif adagrad:
+                gr = _clip(g * x + l2w * wr, clip)
+                acc = gw[r] + gr * gr
+                nw = wr - lr * gr / math.sqrt(acc + eps)
+                new_gw[j] = acc
+                for f in range(k):
+                    v = V[r, f]
+                    gv = _clip(g * (x * sums[f] - v * xx) + l2v * v, clip)
+                    a2 = gV[r, f] + gv * gv
+                    nv = v - lr * gv / math.sqrt(a2 + eps)
+                    new_gV[j, f] = a2
+                    new_V[j, f] = nv
+            else:
+                gr = _clip(g * x + l2w * wr, clip)
+                nw = wr - lr * gr
+                for f in range(k):
+                    v = V[r, f]
+                    nv = v - lr * _clip(g * (x * sums[f] - v * xx) + l2v * v, clip)
+                    new_V[j, f] = nv
+            new_w[j] = nw
+        finite = _all_finite(new_V, m * k) and _all_finite(new_w, m) and math.isfinite(new_w0)
+        if adagrad or normalized:
+            finite = finite and _all_finite(new_gV, m * k) and _all_finite(new_gw, m)
+            finite = finite and math.isfinite(new_g0)
+        if normalized:
+            finite = finite and math.isfinite(new_tot)
+        if not finite:
+            counts[0] += 1
+            continue
+
+        stamp = step0 + s
+        bias[0] = new_w0
+        bias[1] = new_g0
+        if normalized:
+            bias[2] = new_tot
+        for j in range(m):
+            r = cr[j]
+            if cnew[j]:
+                counts[1] += 1
+            last[r] = stamp
+            w[r] = new_w[j]
+            for f in range(k):
+                V[r, f] = new_V[j, f]
+            if adagrad or normalized:
+                gw[r] = new_gw[j]
+                for f in range(k):
+                    gV[r, f] = new_gV[j, f]

@@ -1,0 +1,104 @@
+"""The update rules (stream_fm/updates.py): the normalized optimizer's invariances, the per-sample
+contract under it, and the migration of states written before it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import categorical_stream, state_equal
+
+from stream_fm import ConfigError, SparseFM
+
+
+def _scaled(stream: list[tuple[dict, bool]], factor: float) -> list[tuple[dict, bool]]:
+    return [({**x, "price": x["price"] * factor}, y) for x, y in stream]
+
+
+def _run(model: SparseFM, stream: list[tuple[dict, bool]]) -> np.ndarray:
+    return model.learn_batch([x for x, _ in stream], [y for _, y in stream])
+
+
+@pytest.mark.parametrize("factor", [1e-3, 1e3, 1e5])
+def test_normalized_learning_does_not_depend_on_the_unit_of_a_number(factor):
+    """A price in cents or in millions: the same predictions, to rounding (VW's --normalized)."""
+    stream = categorical_stream(3000, seed=4)
+    base = _run(SparseFM(seed=1, l2_w=1e-3), stream)
+    scaled = _run(SparseFM(seed=1, l2_w=1e-3), _scaled(stream, factor))
+    np.testing.assert_allclose(scaled, base, rtol=1e-9, atol=1e-12)
+    # while AdaGrad's steps are in the units of x: the same change wrecks it
+    adagrad = _run(SparseFM(seed=1, optimizer="adagrad"), stream)
+    adagrad_scaled = _run(SparseFM(seed=1, optimizer="adagrad"), _scaled(stream, factor))
+    assert np.max(np.abs(adagrad_scaled - adagrad)) > 0.01
+
+
+def test_a_larger_value_than_any_before_shrinks_what_was_learned_at_the_smaller_scale():
+    model = SparseFM(seed=0)
+    for i in range(200):
+        model.learn_one({"n": 0.01 * (1 + i % 3), "ad": f"a{i % 4}"}, i % 2 == 0)
+    row = model._index.as_dict()["n"]
+    learned = abs(model._w[row] * 100.0)  # what the weight would say of x = 100 as it stands
+    assert model._gV[row, -1] == pytest.approx(0.03)  # the row's scale: the largest |x| so far
+    model.learn_one({"n": 100.0}, True)
+    assert model._gV[row, -1] == 100.0
+    assert learned > 50.0 and abs(model._w[row] * 100.0) < 5.0
+    p = model.predict_proba_one({"n": 100.0})[True]
+    assert 0.01 < p < 0.99
+
+
+def test_the_step_does_not_grow_with_the_number_of_features():
+    """Twenty copies of a signal move the prediction about as far as one does."""
+    one = SparseFM(seed=0)
+    many = SparseFM(seed=0)
+    for _ in range(30):
+        one.learn_one({"a": "x"}, True)
+        many.learn_one({f"f{i}": "x" for i in range(20)}, True)
+    p_one = one.predict_proba_one({"a": "x"})[True]
+    p_many = many.predict_proba_one({f"f{i}": "x" for i in range(20)})[True]
+    assert abs(np.log(p_many / (1 - p_many)) - np.log(p_one / (1 - p_one))) < 1.0
+
+
+def test_learn_batch_equals_the_loop_when_scales_grow_mid_batch():
+    stream = [
+        ({"n": float(i + 1), "m": float((i * 7) % 13) - 6.0, "ad": f"a{i % 5}"}, i % 3 == 0)
+        for i in range(400)
+    ]
+    loop = SparseFM(seed=3)
+    expected = []
+    for x, y in stream:
+        expected.append(loop.predict_proba_one(x)[True])
+        loop.learn_one(x, y)
+    batch = SparseFM(seed=3)
+    got = np.concatenate([_run(batch, stream[i : i + 64]) for i in range(0, 400, 64)])
+    assert np.array_equal(got, np.array(expected))
+    assert state_equal(loop, batch)
+
+
+def test_a_state_written_before_the_normalized_optimizer_loads_and_continues_exactly():
+    """state_format 1 (bias of two entries) is migrated; the model goes on bit for bit."""
+    stream = categorical_stream(600, seed=5)
+    old = SparseFM(optimizer="adagrad", learning_rate=0.06, seed=2)
+    _run(old, stream[:300])
+    arrays, meta = old.export_state()
+    v1_arrays = {**arrays, "bias": arrays["bias"][:2]}
+    v1_meta = {**meta, "state_format": 1, "config": {
+        k: v for k, v in meta["config"].items() if k not in ("bias_learning_rate", "initial_accumulator")
+    }}  # fmt: skip
+    restored = SparseFM.from_state(v1_arrays, v1_meta)
+    assert np.array_equal(_run(restored, stream[300:]), _run(old, stream[300:]))
+    assert state_equal(restored, old)
+
+
+def test_an_unknown_state_format_is_refused_naming_both_versions():
+    arrays, meta = SparseFM().export_state()
+    with pytest.raises(
+        ConfigError, match=r"state_format=\(.SparseFM., 3\).*one of \(1, 2\)\); this release writes 2"
+    ):
+        SparseFM.from_state(arrays, {**meta, "state_format": 3})
+
+
+def test_each_optimizer_has_its_own_default_rate():
+    assert SparseFM().learning_rate == 1.0 and SparseFM().bias_learning_rate == 1.5
+    assert SparseFM(optimizer="adagrad").learning_rate == 0.06
+    assert SparseFM(optimizer="sgd").bias_learning_rate == SparseFM(optimizer="sgd").learning_rate
+    with pytest.raises(ConfigError, match="bias_learning_rate"):
+        SparseFM(bias_learning_rate=0)
