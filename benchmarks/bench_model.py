@@ -136,7 +136,7 @@ def rss_bytes() -> int:
 
 def memory(n_features: int = 1_000_000) -> list[tuple[str, str, str]]:
     rows = []
-    for optimizer in ("adagrad", "sgd"):
+    for optimizer in ("normalized", "adagrad", "sgd"):
         gc.collect()
         before = rss_bytes()
         model = SparseFM(n_factors=8, optimizer=optimizer)

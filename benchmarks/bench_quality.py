@@ -1,18 +1,24 @@
-"""Learning quality: progressive validation (predict each sample, then learn it) over whole streams.
+"""Learning quality on the suite: progressive validation (predict each sample, then learn it),
+one pass, every learner with its defaults, side by side in one run.
 
-Learners: SparseFM with its defaults; river's FMClassifier and LogisticRegression (defaults);
-Vowpal Wabbit linear logistic, and VW with all pairwise interactions (POLY2). Prints a table of
-exact log loss and AUC and saves rolling-log-loss curves to benchmarks/results/learning_curves.png.
+Learners: SparseFM with its defaults; river's LogisticRegression and FMClassifier (defaults);
+Vowpal Wabbit logistic, linear and with all pairwise interactions (POLY2); and the constant
+predictor (the running mean of the labels seen so far). The streams and why each is there:
+``suite.py``. Prints the suite table (log loss and AUC), then the robustness table: for each
+stream, the best SparseFM configuration of a grid and how far the defaults are from it. Saves the
+learning curves of every stream to benchmarks/results/learning_curves.png.
 
-    python benchmarks/bench_quality.py [--synthetic-n 200000]
+    python benchmarks/bench_quality.py [--only NAME ...] [--no-grid] [--no-river-fm]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +26,7 @@ from scipy.stats import rankdata
 
 sys.path.insert(0, str(Path(__file__).parent))
 import datasets
+import suite
 from common import machine, one_hot, print_table
 
 from stream_fm import SparseFM
@@ -27,6 +34,16 @@ from stream_fm.progress import Bar
 
 RESULTS = Path(__file__).parent / "results"
 Learner = Callable[[datasets.Stream], np.ndarray]  # stream -> progressive predictions
+
+# The robustness grid: SparseFM's settings that a user might tune, around the defaults (learning
+# rate x init x L2, and the normalized optimizer's own two): 162 configurations per stream.
+GRID = {
+    "learning_rate": [0.5, 1.0, 2.0],
+    "init_std": [0.01, 0.02, 0.04],
+    "l2_v": [0.0, 1e-3],
+    "bias_learning_rate": [0.5, 1.5, 4.0],
+    "initial_accumulator": [0.05, 0.2, 1.0],
+}
 
 
 def log_loss(p: np.ndarray, y: np.ndarray) -> float:
@@ -42,12 +59,22 @@ def exact_auc(p: np.ndarray, y: np.ndarray) -> float:
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def sparse_fm(stream: datasets.Stream) -> np.ndarray:
-    model = SparseFM()
-    xs, ys = [x for x, _ in stream], [y for _, y in stream]
-    return np.concatenate(
-        [model.learn_batch(xs[i : i + 4096], ys[i : i + 4096]) for i in range(0, len(xs), 4096)]
-    )
+def sparse_fm(**settings: object) -> Learner:
+    def run(stream: datasets.Stream) -> np.ndarray:
+        model = SparseFM(**settings)
+        xs, ys = [x for x, _ in stream], [y for _, y in stream]
+        return np.concatenate(
+            [model.learn_batch(xs[i : i + 4096], ys[i : i + 4096]) for i in range(0, len(xs), 4096)]
+        )
+
+    return run
+
+
+def constant(stream: datasets.Stream) -> np.ndarray:
+    """The running mean of the labels before each sample (half a sample of each label to start)."""
+    y = np.array([label for _, label in stream], np.float64)
+    clicks = np.concatenate([[0.0], np.cumsum(y)[:-1]])
+    return (clicks + 0.5) / (np.arange(len(y)) + 1.0)
 
 
 def river_model(factory: Callable[[], object]) -> Learner:
@@ -103,17 +130,18 @@ def _vw_token(s: str) -> str:
     return s.replace(" ", "_").replace(":", ";").replace("|", "/") or "_"
 
 
-LEARNERS: dict[str, Learner] = {
-    "SparseFM (defaults)": sparse_fm,
-    "river FMClassifier(n_factors=8)": river_model(
-        lambda: __import__("river.facto").facto.FMClassifier(n_factors=8, seed=0)
-    ),
-    "river LogisticRegression()": river_model(
-        lambda: __import__("river.linear_model").linear_model.LogisticRegression()
-    ),
-    "VW linear (logistic)": vw(pairs=False),
-    "VW all pairs (POLY2)": vw(pairs=True),
-}
+def learners(with_river_fm: bool) -> dict[str, Learner]:
+    out: dict[str, Learner] = {
+        "SparseFM (defaults)": sparse_fm(),
+        "river LR": river_model(lambda: __import__("river.linear_model").linear_model.LogisticRegression()),
+        "river FM": river_model(lambda: __import__("river.facto").facto.FMClassifier(n_factors=8, seed=0)),
+        "VW linear": vw(pairs=False),
+        "VW POLY2": vw(pairs=True),
+        "constant": constant,
+    }
+    if not with_river_fm:
+        del out["river FM"]
+    return out
 
 
 def rolling(values: np.ndarray, window: int) -> np.ndarray:
@@ -121,40 +149,86 @@ def rolling(values: np.ndarray, window: int) -> np.ndarray:
     return (c[window:] - c[:-window]) / window
 
 
-def streams(synthetic_n: int) -> Iterator[tuple[str, datasets.Stream]]:
-    yield "MovieLens 100K", datasets.movielens100k()
-    yield f"synthetic ({synthetic_n:,} samples, 16 Zipf fields)", datasets.synthetic(synthetic_n)
+def losses(p: np.ndarray, y: np.ndarray) -> np.ndarray:
+    pc = np.clip(p, 1e-15, 1 - 1e-15)
+    return -(y * np.log(pc) + (1 - y) * np.log(1 - pc))
+
+
+def robustness(stream: datasets.Stream, y: np.ndarray) -> tuple[float, dict, float]:
+    """The default's log loss, the best grid configuration and its log loss."""
+    best: tuple[float, dict] = (np.inf, {})
+    for values in itertools.product(*GRID.values()):
+        settings = dict(zip(GRID, values, strict=True))
+        ll = log_loss(sparse_fm(**settings)(stream), y)
+        best = min(best, (ll, settings), key=lambda t: t[0])
+    return log_loss(sparse_fm()(stream), y), best[1], best[0]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--synthetic-n", type=int, default=200_000)
+    parser.add_argument("--only", nargs="*", help="streams whose name starts with one of these")
+    parser.add_argument("--no-grid", action="store_true", help="skip the robustness grid")
+    parser.add_argument("--no-river-fm", action="store_true", help="skip river's FM (the slowest)")
     args = parser.parse_args()
     print(f"machine: {machine()}")
+    chosen = {
+        name: entry
+        for name, entry in suite.SUITE.items()
+        if not args.only or any(name.startswith(prefix) for prefix in args.only)
+    }
+    table: dict[str, dict[str, tuple[float, float]]] = {}
     curves: dict[str, dict[str, np.ndarray]] = {}
-    rows = []
-    for stream_name, stream in streams(args.synthetic_n):
+    robust: dict[str, tuple[float, dict, float]] = {}
+    for stream_name, (why, build) in chosen.items():
+        stream = build()
         y = np.array([label for _, label in stream], np.float64)
-        curves[stream_name] = {}
-        for name, learner in LEARNERS.items():
+        print(f"\n{stream_name}: {len(stream):,} samples, CTR {y.mean():.4f}. {why}", flush=True)
+        table[stream_name], curves[stream_name] = {}, {}
+        for name, learner in learners(not args.no_river_fm).items():
             t = time.perf_counter()
             p = learner(stream)
             seconds = time.perf_counter() - t
             ll, auc = log_loss(p, y), exact_auc(p, y)
-            rows.append((stream_name, name, ll, auc, seconds))
-            pc = np.clip(p, 1e-15, 1 - 1e-15)
-            curves[stream_name][name] = rolling(-(y * np.log(pc) + (1 - y) * np.log(1 - pc)), 5000)
-            print(
-                f"  {stream_name:40s} {name:34s} logloss {ll:.4f}  AUC {auc:.4f}  {seconds:7.1f}s", flush=True
-            )
-    print()
-    print_table(
-        ["stream", "learner", "log loss", "AUC", "seconds"],
-        [(s, name, f"{ll:.4f}", f"{auc:.4f}", f"{sec:.1f}") for s, name, ll, auc, sec in rows],
-    )
+            table[stream_name][name] = (ll, auc)
+            curves[stream_name][name] = rolling(losses(p, y), max(100, min(5000, len(y) // 20)))
+            print(f"  {name:22s} logloss {ll:.4f}  AUC {auc:.4f}  {seconds:7.1f}s", flush=True)
+        if not args.no_grid:
+            robust[stream_name] = robustness(stream, y)
+            d, settings, b = robust[stream_name]
+            print(f"  grid: defaults {d:.4f}, best {b:.4f} at {settings} ({100 * (d / b - 1):+.2f}%)")
+    report(table, robust)
     plot(curves)
+
+
+def report(
+    table: dict[str, dict[str, tuple[float, float]]], robust: dict[str, tuple[float, dict, float]]
+) -> None:
+    names = list(next(iter(table.values())))
+    print("\nProgressive log loss (AUC below it); the best of each row in bold:\n")
+    rows = []
+    for stream_name, by in table.items():
+        best = min(ll for ll, _ in by.values())
+        cells = [f"**{ll:.4f}**" if ll == best else f"{ll:.4f}" for ll, _ in by.values()]
+        rows.append((stream_name, *cells))
+        rows.append(("", *(f"{auc:.3f}" for _, auc in by.values())))
+    print_table(["stream", *names], rows)
+    wins = sum(min(by, key=lambda n: by[n][0]) == "SparseFM (defaults)" for by in table.values())
+    print(f"\nSparseFM's defaults have the lowest log loss on {wins} of {len(table)} streams.")
+    if robust:
+        print("\nRobustness: the defaults against the best configuration of the grid", GRID, "\n")
+        print_table(
+            ["stream", "defaults", "best in grid", "its settings", "gap"],
+            [
+                (s, f"{d:.4f}", f"{b:.4f}", json.dumps(settings), f"{100 * (d / b - 1):+.2f}%")
+                for s, (d, settings, b) in robust.items()
+            ],
+        )
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "quality.json").write_text(
+        json.dumps({"machine": machine(), "table": table, "robustness": robust}, indent=1)
+    )
 
 
 def plot(curves: dict[str, dict[str, np.ndarray]]) -> None:
@@ -163,18 +237,26 @@ def plot(curves: dict[str, dict[str, np.ndarray]]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(curves), figsize=(7 * len(curves), 4.5))
-    for ax, (stream_name, by_learner) in zip(np.atleast_1d(axes), curves.items(), strict=True):
+    cols = 4
+    n_rows = -(-len(curves) // cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(5.5 * cols, 4.2 * n_rows), squeeze=False)
+    for ax, (stream_name, by_learner) in zip(axes.flat, curves.items(), strict=False):
         for name, curve in by_learner.items():
-            ax.plot(np.arange(len(curve)) + 5000, curve, label=name, linewidth=1.2)
-        ax.set_title(stream_name)
+            ax.plot(np.arange(len(curve)), curve, label=name, linewidth=1.1)
+        if "constant" in by_learner:  # a learner that diverged must not flatten everyone else
+            finite = [c[np.isfinite(c)] for c in by_learner.values()]
+            low = min(float(c.min()) for c in finite if c.size)
+            ax.set_ylim(low * 0.95, 1.3 * float(np.nanmax(by_learner["constant"])))
+        ax.set_title(stream_name, fontsize=10)
         ax.set_xlabel("samples seen")
-        ax.set_ylabel("log loss, rolling window of 5,000")
+        ax.set_ylabel("log loss, rolling window")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(curves) :]:
+        ax.axis("off")
     fig.tight_layout()
     RESULTS.mkdir(exist_ok=True)
-    fig.savefig(RESULTS / "learning_curves.png", dpi=110)
+    fig.savefig(RESULTS / "learning_curves.png", dpi=90)
     print(f"\nsaved {RESULTS / 'learning_curves.png'}")
 
 
