@@ -36,13 +36,14 @@ RESULTS = Path(__file__).parent / "results"
 Learner = Callable[[datasets.Stream], np.ndarray]  # stream -> progressive predictions
 
 # The robustness grid: SparseFM's settings that a user might tune, around the defaults (learning
-# rate x init x L2, and the normalized optimizer's own two): 162 configurations per stream.
+# rate x init x L2, and the normalized optimizer's own three): 216 configurations per stream.
 GRID = {
-    "learning_rate": [0.5, 1.0, 2.0],
-    "init_std": [0.01, 0.02, 0.04],
+    "learning_rate": [0.75, 1.5, 3.0],
+    "init_std": [0.01, 0.04],
     "l2_v": [0.0, 1e-3],
-    "bias_learning_rate": [0.5, 1.5, 4.0],
-    "initial_accumulator": [0.05, 0.2, 1.0],
+    "bias_learning_rate": [0.5, 1.0, 2.0],
+    "factor_learning_rate": [0.35, 0.7, 1.4],
+    "initial_accumulator": [0.2, 1.0],
 }
 
 

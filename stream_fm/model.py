@@ -30,8 +30,9 @@ from stream_fm.state import StateCapture, StateIO
 __all__ = ["SparseFM", "StateCapture", "encode_rows"]
 
 _ADAGRAD_EPS = 1e-8
-_DEFAULT_RATES = {"normalized": 1.0, "adagrad": 0.06, "sgd": 0.06}
-_DEFAULT_BIAS_RATE = 1.5
+_DEFAULT_RATES = {"normalized": 1.5, "adagrad": 0.06, "sgd": 0.06}
+_DEFAULT_BIAS_RATE = 1.0
+_DEFAULT_FACTOR_RATE = 0.7
 
 
 class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
@@ -52,10 +53,14 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
         ``"adagrad"`` (a per-parameter rate ``learning_rate / sqrt(sum g^2)``) or ``"sgd"`` (a
         constant rate: the reference's algorithm).
     learning_rate
-        Step size, > 0. None: the optimizer's own (1.0 normalized, 0.06 adagrad and sgd).
+        Step size of the linear weights, > 0. None: the optimizer's own (1.5 normalized, 0.06
+        adagrad and sgd).
     bias_learning_rate
-        The normalized optimizer's step size for the bias, > 0. None: 1.5 for normalized (the
+        The normalized optimizer's step size for the bias, > 0. None: 1.0 for normalized (the
         other optimizers step the bias with ``learning_rate``).
+    factor_learning_rate
+        Step size of the latent vectors, > 0. None: 0.7 for normalized, ``learning_rate`` for
+        the others.
     initial_accumulator
         The normalized optimizer's accumulators start here, >= 0: a feature's first steps are
         ``learning_rate * g / sqrt(initial_accumulator + g^2)``, measured rather than full.
@@ -116,6 +121,7 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
         optimizer: str = "normalized",
         learning_rate: float | None = None,
         bias_learning_rate: float | None = None,
+        factor_learning_rate: float | None = None,
         initial_accumulator: float = 0.2,
         l2_w: float = 0.0,
         l2_v: float = 1e-4,
@@ -137,6 +143,9 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
         if bias_learning_rate is None:
             bias_learning_rate = _DEFAULT_BIAS_RATE if optimizer == "normalized" else self.learning_rate
         self.bias_learning_rate = _check_float("bias_learning_rate", bias_learning_rate, positive=True)
+        if factor_learning_rate is None:
+            factor_learning_rate = _DEFAULT_FACTOR_RATE if optimizer == "normalized" else self.learning_rate
+        self.factor_learning_rate = _check_float("factor_learning_rate", factor_learning_rate, positive=True)
         self.initial_accumulator = _check_float("initial_accumulator", initial_accumulator)
         self.l2_w = _check_float("l2_w", l2_w)
         self.l2_v = _check_float("l2_v", l2_v)
@@ -156,7 +165,7 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
 
         self._opt = updates.OPTIMIZERS[optimizer]
         hp = [self.learning_rate, self.l2_w, self.l2_v, self.clip_gradient, _ADAGRAD_EPS, self.init_std,
-              self.bias_learning_rate, self.initial_accumulator]  # fmt: skip
+              self.bias_learning_rate, self.initial_accumulator, self.factor_learning_rate]  # fmt: skip
         self._hp = np.array(hp)  # updates.HP_*
         self._seed64 = np.uint64(self.seed)
         self._hashing = fastpath.hashing(self.seed, self.hash_bits)
@@ -354,6 +363,7 @@ _PARAMS = (
     "optimizer",
     "learning_rate",
     "bias_learning_rate",
+    "factor_learning_rate",
     "initial_accumulator",
     "l2_w",
     "l2_v",

@@ -11,8 +11,10 @@ Three optimizers, chosen per model (``SparseFM(optimizer=...)``):
   features moves the prediction about as far as one of 5. Accumulators start from
   ``initial_accumulator``, so that a feature's first steps are measured, and the bias has a rate
   of its own (``bias_learning_rate``): it tracks the base rate, which matters most when clicks
-  are rare. All of its state is per-coordinate sums (accumulators, the samples' norms) or maxima
-  (``N``), which merge by addition and by max.
+  are rare. The latent vectors have theirs too (``factor_learning_rate``), smaller than the
+  linear weights': interactions are learned from pairs, which are seen more rarely. All of its
+  state is per-coordinate sums (accumulators, the samples' norms) or maxima (``N``), which merge
+  by addition and by max.
 - ``"adagrad"``: per-parameter rates ``learning_rate / sqrt(sum g^2)``.
 - ``"sgd"``: a constant rate (the reference's algorithm).
 
@@ -35,8 +37,8 @@ OPT_SGD, OPT_ADAGRAD, OPT_NORMALIZED = 0, 1, 2
 OPTIMIZERS = {"normalized": OPT_NORMALIZED, "adagrad": OPT_ADAGRAD, "sgd": OPT_SGD}
 
 # hyper-parameter vector layout (one array keeps the numba call cheap); HP_STD is for new rows
-HP_LR, HP_L2W, HP_L2V, HP_CLIP, HP_EPS, HP_STD, HP_LR_BIAS, HP_ACC0 = range(8)
-HP_SIZE = 8
+HP_LR, HP_L2W, HP_L2V, HP_CLIP, HP_EPS, HP_STD, HP_LR_BIAS, HP_ACC0, HP_LR_FACTOR = range(9)
+HP_SIZE = 9
 
 _DBL_MAX = np.finfo(np.float64).max
 
@@ -91,6 +93,7 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
     eps = hp[HP_EPS]
     lr_bias = hp[HP_LR_BIAS]
     acc0 = hp[HP_ACC0]
+    lr_v = hp[HP_LR_FACTOR]  # the latent vectors' rate
     adagrad = opt == OPT_ADAGRAD
     normalized = opt == OPT_NORMALIZED
     width, cr, cx, cnew = _scratch(offsets)
@@ -147,6 +150,7 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
         g0 = _clip(g, clip)
         new_tot = 0.0
         rate = lr
+        rate_v = lr_v
         if normalized:
             # each row's scale N (the largest |x| so far) and the sample's normalized norm
             norm = 0.0
@@ -157,7 +161,9 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
                     xt = cx[j] / nr
                     norm += xt * xt
             new_tot = bias[2] + norm
-            rate = lr * (step0 + s + 1) / new_tot if new_tot > 0.0 else lr
+            if new_tot > 0.0:
+                rate = lr * (step0 + s + 1) / new_tot
+                rate_v = lr_v * (step0 + s + 1) / new_tot
             new_g0 = bias[1] + g0 * g0
             new_w0 = w0 - lr_bias * g0 / math.sqrt(new_g0 + acc0)
         elif adagrad:
@@ -184,7 +190,7 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
                     gv = _clip(g * (x * sums[f] - v * xx) * inv + l2v * v * new_n[j], clip)
                     a2 = gV[r, f] + gv * gv
                     new_gV[j, f] = a2
-                    new_V[j, f] = v - rate * gv / math.sqrt(a2 + acc0) * inv
+                    new_V[j, f] = v - rate_v * gv / math.sqrt(a2 + acc0) * inv
             elif adagrad:
                 gr = _clip(g * x + l2w * wr, clip)
                 acc = gw[r] + gr * gr
@@ -194,7 +200,7 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
                     v = V[r, f]
                     gv = _clip(g * (x * sums[f] - v * xx) + l2v * v, clip)
                     a2 = gV[r, f] + gv * gv
-                    nv = v - lr * gv / math.sqrt(a2 + eps)
+                    nv = v - lr_v * gv / math.sqrt(a2 + eps)
                     new_gV[j, f] = a2
                     new_V[j, f] = nv
             else:
@@ -202,7 +208,7 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
                 nw = wr - lr * gr
                 for f in range(k):
                     v = V[r, f]
-                    nv = v - lr * _clip(g * (x * sums[f] - v * xx) + l2v * v, clip)
+                    nv = v - lr_v * _clip(g * (x * sums[f] - v * xx) + l2v * v, clip)
                     new_V[j, f] = nv
             new_w[j] = nw
         finite = _all_finite(new_V, m * k) and _all_finite(new_w, m) and math.isfinite(new_w0)

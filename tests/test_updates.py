@@ -97,8 +97,14 @@ def test_an_unknown_state_format_is_refused_naming_both_versions():
 
 
 def test_each_optimizer_has_its_own_default_rate():
-    assert SparseFM().learning_rate == 1.0 and SparseFM().bias_learning_rate == 1.5
+    default = SparseFM()
+    assert (default.learning_rate, default.bias_learning_rate, default.factor_learning_rate) == (
+        1.5,
+        1.0,
+        0.7,
+    )
     assert SparseFM(optimizer="adagrad").learning_rate == 0.06
-    assert SparseFM(optimizer="sgd").bias_learning_rate == SparseFM(optimizer="sgd").learning_rate
+    sgd = SparseFM(optimizer="sgd")
+    assert sgd.bias_learning_rate == sgd.factor_learning_rate == sgd.learning_rate
     with pytest.raises(ConfigError, match="bias_learning_rate"):
         SparseFM(bias_learning_rate=0)
