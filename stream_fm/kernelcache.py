@@ -64,8 +64,11 @@ def _cache_dirs() -> list[str]:
     subpath = _CacheLocator.get_suitable_cache_subpath(os.path.join(PACKAGE, "model.py"))
     if os.environ.get("NUMBA_CACHE_DIR"):
         return [os.path.join(os.environ["NUMBA_CACHE_DIR"], subpath)]
-    user_wide = AppDirs(appname="numba", appauthor=False).user_cache_dir
-    return [os.path.join(PACKAGE, "__pycache__"), os.path.join(user_wide, subpath)]
+    # numba's next choices: __pycache__ beside the package if it can write there, else the user's
+    in_tree = os.path.join(PACKAGE, "__pycache__")
+    if os.access(in_tree if os.path.isdir(in_tree) else PACKAGE, os.W_OK):
+        return [in_tree]
+    return [os.path.join(AppDirs(appname="numba", appauthor=False).user_cache_dir, subpath)]
 
 
 def drop_stale() -> int:
