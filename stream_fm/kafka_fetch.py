@@ -227,12 +227,12 @@ class _Fetcher:
         now = time.monotonic()
         if others and (others != said or now - when >= GROUP_REPEAT_SECONDS):
             mine_parts = sorted((tp.topic, tp.partition) for tp in self.consumer.assignment())
-            described = "; ".join(f"client id {c!r} on {h} holds {list(p)}" for c, h, p in others)
+            listing = "; ".join(f"client id {c!r} on {h} holds {list(p)}" for c, h, p in others)
             log.error(
                 "consumer group %r has %d members: this worker (client id %r) holds only %s; %s. "
                 "Each worker learns its own model from the partitions it holds, so every one of them "
                 "learns part of the stream: run one worker per group (or give each its own --group-id)",
-                group_id, len(members), self.client_id, mine_parts, described,
+                group_id, len(members), self.client_id, mine_parts, listing,
             )  # fmt: skip
             self.group_said = (others, now)
         elif not others and said:
