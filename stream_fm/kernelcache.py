@@ -203,7 +203,8 @@ def report() -> dict[str, Any]:
 
     loaded, compiled = 0, 0
     missed: list[str] = []
-    for name, kernel in sorted(kernels().items()):
+    found = kernels()
+    for name, kernel in sorted(found.items()):
         if isinstance(kernel, CFunc):
             hits, misses = kernel.cache_hits, 1 - kernel.cache_hits
         else:
@@ -216,7 +217,7 @@ def report() -> dict[str, Any]:
     return {
         "cache_dir": config.CACHE_DIR or "__pycache__ beside each module",
         "cpu": config.CPU_NAME or "host",
-        "kernels": len(kernels()),
+        "kernels": len(found),
         "loaded": loaded,
         "compiled": compiled,
         "compiled_kernels": missed,

@@ -46,10 +46,6 @@ class RootLock:
         self.root = Path(root)
         self._key: str | None = None
 
-    @property
-    def held(self) -> bool:
-        return self._key is not None
-
     def acquire(self) -> RootLock:
         if self._key is not None:
             return self

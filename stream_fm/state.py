@@ -105,13 +105,11 @@ class StateIO:
         model = cls(**meta["config"])
         n = int(meta["n_rows"])
         k = model.n_factors
-        bias = np.asarray(arrays["bias"], np.float64) if "bias" in arrays else None
-        if version == 1 and bias is not None and bias.shape == (2,):
-            bias = np.concatenate([bias, [0.0]])
+        if version == 1 and "bias" in arrays and tuple(arrays["bias"].shape) == (2,):
+            arrays = {**arrays, "bias": np.concatenate([arrays["bias"], [0.0]])}
         expect = {"bias": (model._bias.shape[0],), "w": (n,), "V": (n, k), "last": (n,)}
         if model._gw.shape[0]:
             expect.update(gw=(n,), gV=(n, model._gV.shape[1]))
-        arrays = {**arrays, "bias": bias} if bias is not None else arrays
         for name, shape in expect.items():
             if name not in arrays or tuple(arrays[name].shape) != shape:
                 got = None if name not in arrays else tuple(arrays[name].shape)

@@ -101,7 +101,6 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
     new_gw = np.empty(width, np.float64)
     new_V = np.empty((width, k), np.float64)
     new_gV = np.empty((width, k), np.float64)
-    new_n = np.empty(width, np.float64)
     sums = np.empty(k, np.float64)
     for s in range(n):
         m = _gather(rows, vals, offsets[s], offsets[s + 1], last, True, cr, cx, cnew)
@@ -152,11 +151,10 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
         rate = lr
         rate_v = lr_v
         if normalized:
-            # each row's scale N (the largest |x| so far) and the sample's normalized norm
+            # the sample's norm in units of x / N (each row's scale N, updated above)
             norm = 0.0
             for j in range(m):
-                nr = gV[cr[j], k]  # the row's scale, updated above
-                new_n[j] = nr
+                nr = gV[cr[j], k]
                 if nr > 0.0:
                     xt = cx[j] / nr
                     norm += xt * xt
@@ -179,15 +177,16 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
             wr = w[r]
             if normalized:
                 # AdaGrad on the parameters of x / N, written back in the units of x
-                inv = 1.0 / new_n[j] if new_n[j] > 0.0 else 0.0
+                nr = gV[r, k]
+                inv = 1.0 / nr if nr > 0.0 else 0.0
                 # gradients, L2 and clipping in the units of x / N (the parameters times N)
-                gr = _clip(g * x * inv + l2w * wr * new_n[j], clip)
+                gr = _clip(g * x * inv + l2w * wr * nr, clip)
                 acc = gw[r] + gr * gr
                 nw = wr - rate * gr / math.sqrt(acc + acc0) * inv
                 new_gw[j] = acc
                 for f in range(k):
                     v = V[r, f]
-                    gv = _clip(g * (x * sums[f] - v * xx) * inv + l2v * v * new_n[j], clip)
+                    gv = _clip(g * (x * sums[f] - v * xx) * inv + l2v * v * nr, clip)
                     a2 = gV[r, f] + gv * gv
                     new_gV[j, f] = a2
                     new_V[j, f] = v - rate_v * gv / math.sqrt(a2 + acc0) * inv
