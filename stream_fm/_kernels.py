@@ -13,6 +13,11 @@ Notation follows Rendle (2010) and the reference (``shared/reference``): for one
 and the logistic loss L = -ln sigma(y y_hat), y in {-1, +1}, is *descended*:
 theta <- theta - lr * dL/dtheta with dL/dy_hat = -y (1 - sigma(y y_hat)).
 
+What a prediction reports is the *calibrated* score ``w0 + (c_lin * lin + c_pair * pair) + c_off``
+where ``lin`` and ``pair`` are the linear and pairwise sums above: three numbers learned on top of
+the model (see :mod:`stream_fm.updates`); they are 1, 1 and 0 (the plain y_hat, bit for bit) when
+calibration is off.
+
 A row whose ``last`` stamp is -1 has never been trained ("untouched"): it is invisible to
 prediction, and while learning the prediction reported for a sample excludes such rows, so that
 ``learn_batch`` reports exactly what ``predict_proba_one`` would have said before the update.
@@ -27,13 +32,34 @@ import numba as nb
 import numpy as np
 
 __all__ = [
+    "BIAS_SIZE",
     "bucket_seeds",
+    "fresh_bias",
     "init_rows",
     "key_seeds",
     "predict",
     "predict_one",
     "reset_rows",
 ]
+
+# The model's dense state, one float64 array (``bias``): the intercept w0 and its accumulator; the
+# normalized optimizer's sum of the samples' squared norms; the calibration's two gains and offset
+# and its curvature (a symmetric 3x3, stored as its upper triangle: 00 01 02 11 12 22).
+B_W0, B_ACC, B_NORMS, B_LIN, B_PAIR, B_OFF, B_H = 0, 1, 2, 3, 4, 5, 6
+BIAS_SIZE = 12
+CAL_PRIOR = 1.0  # the curvature the calibration starts from (a Gaussian prior of variance 1)
+
+
+def fresh_bias(old: np.ndarray | None = None) -> np.ndarray:
+    """A new model's dense state: w0 = 0, calibration the identity (gains 1, offset 0) under its
+    prior. ``old``: a shorter state of an earlier format, copied into the front."""
+    bias = np.zeros(BIAS_SIZE)
+    bias[B_LIN] = bias[B_PAIR] = 1.0
+    bias[B_H + 0] = bias[B_H + 3] = bias[B_H + 5] = CAL_PRIOR
+    if old is not None:
+        bias[: len(old)] = old
+    return bias
+
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -192,6 +218,20 @@ def _gather(rows, vals, a, b, last, learning, out_r, out_x, out_new):
 @nb.njit(cache=True, error_model="numpy", inline="always")
 def _raw(cr, cx, m, w, V, sums):
     """y_hat - w0 over scratch entries ``0..m-1`` (eq. 8); leaves s_f in ``sums``."""
+    lin, pair = _parts(cr, cx, m, w, V, sums)
+    return lin + pair
+
+
+@nb.njit(cache=True, error_model="numpy", inline="always")
+def _score(bias, lin, pair):
+    """The calibrated score of a sample whose linear and pairwise sums are ``lin``, ``pair``."""
+    return bias[B_W0] + (bias[B_LIN] * lin + bias[B_PAIR] * pair) + bias[B_OFF]
+
+
+@nb.njit(cache=True, error_model="numpy", inline="always")
+def _parts(cr, cx, m, w, V, sums):
+    """(sum_i w_i x_i, the pairwise sum of eq. 8) over scratch entries ``0..m-1``; leaves s_f in
+    ``sums``."""
     k = V.shape[1]
     lin = 0.0
     sq = 0.0
@@ -207,15 +247,15 @@ def _raw(cr, cx, m, w, V, sums):
     inter = 0.0
     for f in range(k):
         inter += sums[f] * sums[f]
-    return lin + 0.5 * (inter - sq)
+    return lin, 0.5 * (inter - sq)
 
 
 @nb.njit(cache=True, error_model="numpy")
-def _raw_old(cr, cx, cnew, m, w, V):
-    """``_raw`` over the entries that are not new, in the same order (a rare second pass)."""
+def _parts_old(cr, cx, cnew, m, w, V):
+    """``_parts`` over the entries that are not new, in the same order (a rare second pass)."""
     keep = ~cnew[:m]
     rows = cr[:m][keep]
-    return _raw(rows, cx[:m][keep], rows.shape[0], w, V, np.empty(V.shape[1], np.float64))
+    return _parts(rows, cx[:m][keep], rows.shape[0], w, V, np.empty(V.shape[1], np.float64))
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -223,7 +263,8 @@ def predict_one(rows, vals, bias, w, V, last):
     """``predict`` for a single sample, without the output array (the per-call path)."""
     _, cr, cx, cnew = _scratch(np.array([0, rows.shape[0]], np.int64))
     m = _gather(rows, vals, 0, rows.shape[0], last, False, cr, cx, cnew)
-    return _proba(bias[0] + _raw(cr, cx, m, w, V, np.empty(V.shape[1], np.float64)))
+    lin, pair = _parts(cr, cx, m, w, V, np.empty(V.shape[1], np.float64))
+    return _proba(_score(bias, lin, pair))
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -235,4 +276,5 @@ def predict(rows, vals, offsets, bias, w, V, last, out):
     sums = np.empty(k, np.float64)
     for s in range(n):
         m = _gather(rows, vals, offsets[s], offsets[s + 1], last, False, cr, cx, cnew)
-        out[s] = _proba(bias[0] + _raw(cr, cx, m, w, V, sums))
+        lin, pair = _parts(cr, cx, m, w, V, sums)
+        out[s] = _proba(_score(bias, lin, pair))

@@ -327,7 +327,9 @@ def _inspect(path: Path, top: int) -> int:
 
 
 def _summary(snap, top: int) -> None:
+    from stream_fm import _kernels
     from stream_fm.keyindex import decode_keys
+    from stream_fm.state import upgrade_bias
 
     m = snap.manifest
     size = sum(f["size"] for f in m["files"].values())
@@ -342,7 +344,10 @@ def _summary(snap, top: int) -> None:
         keys = decode_keys(a["key_bytes"], a["key_offsets"])
     else:
         keys = [f"<bucket {r}>" for r in range(len(a["w"]))]
-    print(f"  w0            {float(a['bias'][0]):+.6f}")
+    bias = upgrade_bias(a["bias"], m["model"]["state_format"])
+    print(f"  w0            {bias[_kernels.B_W0]:+.6f}")
+    gains = (bias[_kernels.B_LIN], bias[_kernels.B_PAIR], bias[_kernels.B_OFF])
+    print("  calibration   linear x{:.4f}  pairwise x{:.4f}  offset {:+.4f}".format(*gains))
     for title, score in (
         ("|w|", np.abs(np.asarray(a["w"]))),
         ("||v||", np.linalg.norm(np.asarray(a["V"]), axis=1)),

@@ -25,6 +25,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from stream_fm import _encode, _kernels, features, updates
+from stream_fm._kernels import BIAS_SIZE
 from stream_fm.errors import FeatureError
 from stream_fm.keyindex import (
     I_ARENA,
@@ -67,7 +68,6 @@ MODE_LOOKUP, MODE_ADD, MODE_HASH = range(3)
 C_SKIPPED, C_TRAINED, C_SAMPLES, C_ROWS = range(4)
 # the sample table the C encoder fills (_encode.c's S_* enum)
 S_N, S_DATA, S_BYTES, S_LENGTHS, S_VALS, S_ROWS, S_LABEL = range(7)
-BIAS_SIZE = 3  # [w0, its accumulator, the normalized optimizer's sum of sample norms]
 
 
 def pointer_table() -> np.ndarray:

@@ -30,9 +30,9 @@ from stream_fm.state import StateCapture, StateIO
 __all__ = ["SparseFM", "StateCapture", "encode_rows"]
 
 _ADAGRAD_EPS = 1e-8
-_DEFAULT_RATES = {"normalized": 1.5, "adagrad": 0.06, "sgd": 0.06}
-_DEFAULT_BIAS_RATE = 1.0
-_DEFAULT_FACTOR_RATE = 0.7
+_DEFAULT_RATES = {"normalized": 2.0, "adagrad": 0.06, "sgd": 0.06}
+_DEFAULT_BIAS_RATE = 1.5
+_DEFAULT_FACTOR_RATE = 1.0
 
 
 class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
@@ -53,17 +53,21 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
         ``"adagrad"`` (a per-parameter rate ``learning_rate / sqrt(sum g^2)``) or ``"sgd"`` (a
         constant rate: the reference's algorithm).
     learning_rate
-        Step size of the linear weights, > 0. None: the optimizer's own (1.5 normalized, 0.06
+        Step size of the linear weights, > 0. None: the optimizer's own (2.0 normalized, 0.06
         adagrad and sgd).
     bias_learning_rate
-        The normalized optimizer's step size for the bias, > 0. None: 1.0 for normalized (the
+        The normalized optimizer's step size for the bias, > 0. None: 1.5 for normalized (the
         other optimizers step the bias with ``learning_rate``).
     factor_learning_rate
-        Step size of the latent vectors, > 0. None: 0.7 for normalized, ``learning_rate`` for
+        Step size of the latent vectors, > 0. None: 1.0 for normalized, ``learning_rate`` for
         the others.
     initial_accumulator
         The normalized optimizer's accumulators start here, >= 0: a feature's first steps are
         ``learning_rate * g / sqrt(initial_accumulator + g^2)``, measured rather than full.
+    calibrate
+        Report ``sigma(w0 + c_lin * linear part + c_pair * pairwise part + c_off)``, the three
+        numbers fitted online to the reports (see :mod:`stream_fm.updates`). None: on with
+        ``"normalized"``, off with the others (whose reports are then the textbook sigma(y_hat)).
     l2_w, l2_v
         L2 penalties on the linear weights and on the latent vectors, >= 0, applied (lazily) to
         the rows a sample touches.
@@ -122,7 +126,8 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
         learning_rate: float | None = None,
         bias_learning_rate: float | None = None,
         factor_learning_rate: float | None = None,
-        initial_accumulator: float = 0.2,
+        initial_accumulator: float = 0.5,
+        calibrate: bool | None = None,
         l2_w: float = 0.0,
         l2_v: float = 1e-4,
         init_std: float = 0.02,
@@ -147,6 +152,11 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
             factor_learning_rate = _DEFAULT_FACTOR_RATE if optimizer == "normalized" else self.learning_rate
         self.factor_learning_rate = _check_float("factor_learning_rate", factor_learning_rate, positive=True)
         self.initial_accumulator = _check_float("initial_accumulator", initial_accumulator)
+        if calibrate is None:
+            calibrate = optimizer == "normalized"
+        if not isinstance(calibrate, (bool, np.bool_)):
+            raise ConfigError("calibrate", calibrate, "true, false or None (on with normalized)")
+        self.calibrate = bool(calibrate)
         self.l2_w = _check_float("l2_w", l2_w)
         self.l2_v = _check_float("l2_v", l2_v)
         self.init_std = _check_float("init_std", init_std)
@@ -165,7 +175,8 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
 
         self._opt = updates.OPTIMIZERS[optimizer]
         hp = [self.learning_rate, self.l2_w, self.l2_v, self.clip_gradient, _ADAGRAD_EPS, self.init_std,
-              self.bias_learning_rate, self.initial_accumulator, self.factor_learning_rate]  # fmt: skip
+              self.bias_learning_rate, self.initial_accumulator, self.factor_learning_rate,
+              float(self.calibrate)]  # fmt: skip
         self._hp = np.array(hp)  # updates.HP_*
         self._seed64 = np.uint64(self.seed)
         self._hashing = fastpath.hashing(self.seed, self.hash_bits)
@@ -173,7 +184,7 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
         self._counts = np.zeros(4, np.int64)
         self.n_evicted = 0
         self.n_rejected = 0
-        self._bias = np.zeros(fastpath.BIAS_SIZE)  # [w0, its accumulator, sum of sample norms]
+        self._bias = _kernels.fresh_bias()  # w0 and the other dense state (_kernels.B_*)
         self._index = KeyIndex()
         # keys given rows but not yet in the index nor initialised (``_init_new`` does both)
         self._fresh: dict[str, int] = {}
@@ -365,6 +376,7 @@ _PARAMS = (
     "bias_learning_rate",
     "factor_learning_rate",
     "initial_accumulator",
+    "calibrate",
     "l2_w",
     "l2_v",
     "init_std",

@@ -28,6 +28,7 @@ from stream_fm import _encode, _kernels, fastpath, snapshot
 from stream_fm.errors import SnapshotError
 from stream_fm.keyindex import KeyIndex
 from stream_fm.model import encode_rows
+from stream_fm.state import READABLE_FORMATS, upgrade_bias
 
 __all__ = ["Predictor", "Watcher", "load"]
 
@@ -62,8 +63,11 @@ class Predictor:
         config = snap.manifest["model"]["config"]
         a = snap.model_arrays
         try:
-            self._bias = np.zeros(fastpath.BIAS_SIZE)  # w0 is all prediction reads of it
-            self._bias[0] = np.asarray(a["bias"], np.float64)[0]
+            version = snap.manifest["model"]["state_format"]
+            if version not in READABLE_FORMATS:
+                raise ValueError(f"state_format {version!r}, this release reads {READABLE_FORMATS}")
+            # w0 and the calibration are what prediction reads of the dense state
+            self._bias = upgrade_bias(a["bias"], version)
             # np.asarray: a plain ndarray view of the memory map, which the kernels accept
             self._w, self._V, self._last = (np.ascontiguousarray(a[k]) for k in ("w", "V", "last"))
             seed, hash_bits = int(config["seed"]), config["hash_bits"]

@@ -11,15 +11,31 @@ from typing import Any
 
 import numpy as np
 
+from stream_fm import _kernels
 from stream_fm.errors import ConfigError
 from stream_fm.keyindex import KeyIndex, decode_keys, encode_keys, gather_keys
 
-__all__ = ["STATE_FORMAT", "StateCapture", "StateIO"]
+__all__ = ["STATE_FORMAT", "StateCapture", "StateIO", "upgrade_bias"]
 
-STATE_FORMAT = 2
-# 1: before the normalized optimizer (bias was [w0, accumulator]); read and migrated: the bias gets
-#    its third entry (the sum of sample norms, 0: format 1 models are adagrad or sgd, which ignore it)
-READABLE_FORMATS = (1, 2)
+STATE_FORMAT = 3
+# Earlier formats are read and migrated: their dense state ("bias") is shorter, and gets the rest
+# of today's from a new model's (``_kernels.fresh_bias``):
+# 1: before the normalized optimizer (bias [w0, accumulator]; the sum of sample norms 0: format 1
+#    models are adagrad or sgd, which ignore it);
+# 2: before calibration (bias [w0, accumulator, sum of norms]; the calibration starts at the
+#    identity, so the first predictions after the upgrade are the model's own).
+READABLE_FORMATS = (1, 2, 3)
+_BIAS_LENGTHS = {1: 2, 2: 3, 3: _kernels.BIAS_SIZE}
+
+
+def upgrade_bias(bias: np.ndarray, version: int) -> np.ndarray:
+    """A state's dense array ("bias") of format ``version``, in today's layout."""
+    bias = np.asarray(bias, np.float64)
+    want = _BIAS_LENGTHS.get(version)
+    if bias.shape != (want,):
+        got = tuple(bias.shape)
+        raise ConfigError("state array 'bias'", got, f"shape ({want},) in state_format {version}")
+    return _kernels.fresh_bias(bias)
 
 
 class StateIO:
@@ -105,8 +121,8 @@ class StateIO:
         model = cls(**meta["config"])
         n = int(meta["n_rows"])
         k = model.n_factors
-        if version == 1 and "bias" in arrays and tuple(arrays["bias"].shape) == (2,):
-            arrays = {**arrays, "bias": np.concatenate([arrays["bias"], [0.0]])}
+        if "bias" in arrays:
+            arrays = {**arrays, "bias": upgrade_bias(arrays["bias"], version)}
         expect = {"bias": (model._bias.shape[0],), "w": (n,), "V": (n, k), "last": (n,)}
         if model._gw.shape[0]:
             expect.update(gw=(n,), gV=(n, model._gV.shape[1]))

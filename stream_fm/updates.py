@@ -18,6 +18,18 @@ Three optimizers, chosen per model (``SparseFM(optimizer=...)``):
 - ``"adagrad"``: per-parameter rates ``learning_rate / sqrt(sum g^2)``.
 - ``"sgd"``: a constant rate (the reference's algorithm).
 
+Calibration (``SparseFM(calibrate=...)``, on by default with ``"normalized"``): what the model
+reports is ``sigma(w0 + c_lin * lin + c_pair * pair + c_off)``, where ``lin`` and ``pair`` are
+the linear and pairwise parts of y_hat and the three numbers are a logistic regression fitted
+online, one Newton step per sample, on the probabilities reported (stacking; the calibration
+layer of McMahan et al., "Ad click prediction: a view from the trenches", KDD 2013, sec. 7). The
+factorization machine learns on its own y_hat, as without it. A learning rate too small for the
+stream leaves y_hat's parts too timid and the gains grow; features that carry only noise shrink
+them, and the offset then holds the report near the base rate. This is what makes one default
+serve streams whose best learning rates differ several-fold (``benchmarks/bench_quality.py``).
+Its state (three numbers and a 3x3 curvature) depends on the order of samples: a cluster must
+treat it as one dense coordinate.
+
 Every gradient component is clipped to +-``clip_gradient`` and a step that would leave a
 non-finite value anywhere is skipped whole (counted), whatever the optimizer.
 """
@@ -29,7 +41,18 @@ import math
 import numba as nb
 import numpy as np
 
-from stream_fm._kernels import _gather, _proba, _raw, _raw_old, _scratch
+from stream_fm._kernels import (
+    B_H,
+    B_LIN,
+    B_OFF,
+    B_PAIR,
+    _gather,
+    _parts,
+    _parts_old,
+    _proba,
+    _score,
+    _scratch,
+)
 
 __all__ = ["HP_SIZE", "OPTIMIZERS", "OPT_ADAGRAD", "OPT_NORMALIZED", "OPT_SGD", "extra_columns", "learn"]
 
@@ -37,8 +60,8 @@ OPT_SGD, OPT_ADAGRAD, OPT_NORMALIZED = 0, 1, 2
 OPTIMIZERS = {"normalized": OPT_NORMALIZED, "adagrad": OPT_ADAGRAD, "sgd": OPT_SGD}
 
 # hyper-parameter vector layout (one array keeps the numba call cheap); HP_STD is for new rows
-HP_LR, HP_L2W, HP_L2V, HP_CLIP, HP_EPS, HP_STD, HP_LR_BIAS, HP_ACC0, HP_LR_FACTOR = range(9)
-HP_SIZE = 9
+HP_LR, HP_L2W, HP_L2V, HP_CLIP, HP_EPS, HP_STD, HP_LR_BIAS, HP_ACC0, HP_LR_FACTOR, HP_CALIBRATE = range(10)
+HP_SIZE = 10
 
 _DBL_MAX = np.finfo(np.float64).max
 
@@ -74,15 +97,57 @@ def _all_finite(a, n):
     return not bad
 
 
+@nb.njit(cache=True, error_model="numpy", inline="always")
+def _calibration_step(bias, lin, pair, p, y, new):
+    """One Newton step of the calibration on the sample just reported: ``new`` receives the
+    gains, the offset and the curvature after it (``bias[B_LIN:]``'s layout).
+
+    The calibration is a logistic regression on x = (lin, pair, 1) with offset w0, fitted online
+    under a Gaussian prior: H += p (1 - p) x x^T (its curvature at this sample), then
+    theta -= H^-1 (p - y) x. Three numbers, solved in closed form (H is symmetric, positive
+    definite: it starts at CAL_PRIOR times the identity).
+    """
+    g = p - y
+    c = p * (1.0 - p)
+    h00 = bias[B_H] + c * lin * lin
+    h01 = bias[B_H + 1] + c * lin * pair
+    h02 = bias[B_H + 2] + c * lin
+    h11 = bias[B_H + 3] + c * pair * pair
+    h12 = bias[B_H + 4] + c * pair
+    h22 = bias[B_H + 5] + c
+    # the inverse by cofactors (symmetric)
+    i00 = h11 * h22 - h12 * h12
+    i01 = h02 * h12 - h01 * h22
+    i02 = h01 * h12 - h02 * h11
+    i11 = h00 * h22 - h02 * h02
+    i12 = h01 * h02 - h00 * h12
+    i22 = h00 * h11 - h01 * h01
+    det = h00 * i00 + h01 * i01 + h02 * i02
+    g0 = g * lin
+    g1 = g * pair
+    new[0] = bias[B_LIN] - (i00 * g0 + i01 * g1 + i02 * g) / det
+    new[1] = bias[B_PAIR] - (i01 * g0 + i11 * g1 + i12 * g) / det
+    new[2] = bias[B_OFF] - (i02 * g0 + i12 * g1 + i22 * g) / det
+    new[3] = h00
+    new[4] = h01
+    new[5] = h02
+    new[6] = h11
+    new[7] = h12
+    new[8] = h22
+
+
 @nb.njit(cache=True, error_model="numpy")
 def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last, out, counts):
     """Sequential learning over samples ``0..n-1``, one sample at a time.
 
     ``out[s]`` receives the probability predicted for sample s before its own update (untouched
-    rows excluded, as in ``predict``). ``counts[0]`` += updates skipped because they would have
-    left a non-finite value in the model; ``counts[1]`` += rows trained for the first time.
+    rows excluded, as in ``predict``; calibrated). The model learns on its own score y_hat; the
+    calibration (``hp[HP_CALIBRATE]`` non-zero) then learns on the probability reported.
+    ``counts[0]`` += updates skipped because they would have left a non-finite value in the
+    model; ``counts[1]`` += rows trained for the first time.
     Every updated row is stamped ``last[r] = step0 + s`` (least-recently-updated eviction).
-    ``bias`` is [w0, its accumulator, the sum of the samples' normalized squared norms].
+    ``bias`` is the dense state (``_kernels.B_*``): w0, its accumulator, the sum of the samples'
+    normalized squared norms, the calibration.
     """
     k = V.shape[1]
     n = offsets.shape[0] - 1
@@ -96,6 +161,8 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
     lr_v = hp[HP_LR_FACTOR]  # the latent vectors' rate
     adagrad = opt == OPT_ADAGRAD
     normalized = opt == OPT_NORMALIZED
+    calibrate = hp[HP_CALIBRATE] != 0.0
+    cal = np.empty(9, np.float64)  # the calibration after the sample (bias[B_LIN:])
     width, cr, cx, cnew = _scratch(offsets)
     new_w = np.empty(width, np.float64)
     new_gw = np.empty(width, np.float64)
@@ -105,15 +172,16 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
     for s in range(n):
         m = _gather(rows, vals, offsets[s], offsets[s + 1], last, True, cr, cx, cnew)
         w0 = bias[0]
-        y_hat = w0 + _raw(cr, cx, m, w, V, sums)
+        lin, pair = _parts(cr, cx, m, w, V, sums)
+        y_hat = w0 + (lin + pair)
         any_new = False
         for j in range(m):
             any_new |= cnew[j]
         if any_new:
             # what predict_proba_one would have said: rows never trained do not count yet
-            out[s] = _proba(w0 + _raw_old(cr, cx, cnew, m, w, V))
-        else:
-            out[s] = _proba(y_hat)
+            lin, pair = _parts_old(cr, cx, cnew, m, w, V)
+        p = _proba(_score(bias, lin, pair))
+        out[s] = p
 
         # after the report: predict_proba_one sees the parameters as they were
         if normalized:
@@ -137,7 +205,8 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
                     gV[r, k] = scale
                     rescaled = True
             if rescaled:
-                y_hat = w0 + _raw(cr, cx, m, w, V, sums)
+                a, b = _parts(cr, cx, m, w, V, sums)
+                y_hat = w0 + (a + b)
 
         if not math.isfinite(y_hat):
             counts[0] += 1
@@ -216,6 +285,9 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
             finite = finite and math.isfinite(new_g0)
         if normalized:
             finite = finite and math.isfinite(new_tot)
+        if calibrate:
+            _calibration_step(bias, lin, pair, p, labels[s], cal)
+            finite = finite and _all_finite(cal, 9)
         if not finite:
             counts[0] += 1
             continue
@@ -225,6 +297,9 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
         bias[1] = new_g0
         if normalized:
             bias[2] = new_tot
+        if calibrate:
+            for i in range(9):
+                bias[B_LIN + i] = cal[i]
         for j in range(m):
             r = cr[j]
             if cnew[j]:

@@ -11,19 +11,27 @@ import pytest
 from helpers import categorical_stream, state_equal
 from river import facto, linear_model, metrics, optim
 
-from stream_fm import ConfigError, FeatureError, LabelError, SparseFM, fastpath
+from stream_fm import ConfigError, FeatureError, LabelError, SparseFM, _kernels, fastpath
 
 # ---------------------------------------------------------------- helpers: a plain FM, written out
 
 
-def naive_raw(model: SparseFM, x: dict[str, float]) -> float:
-    """Eq. 4 of the reference, O(k n^2), straight from the model's parameter rows."""
+def naive_parts(model: SparseFM, x: dict[str, float]) -> tuple[float, float]:
+    """Eq. 4 of the reference, O(k n^2), straight from the model's parameter rows: (the linear
+    sum, the pairwise sum)."""
     index = model._index.as_dict()
     items = [(index[k], v) for k, v in x.items() if k in index]
-    y = model.w0 + sum(model._w[r] * v for r, v in items)
+    lin = sum(model._w[r] * v for r, v in items)
+    pair = 0.0
     for (r1, v1), (r2, v2) in itertools.combinations(items, 2):
-        y += float(np.dot(model._V[r1], model._V[r2])) * v1 * v2
-    return y
+        pair += float(np.dot(model._V[r1], model._V[r2])) * v1 * v2
+    return lin, pair
+
+
+def naive_raw(model: SparseFM, x: dict[str, float]) -> float:
+    """y_hat by eq. 4."""
+    lin, pair = naive_parts(model, x)
+    return model.w0 + lin + pair
 
 
 def logloss(y: int, raw: float) -> float:
@@ -48,16 +56,20 @@ def numeric_stream(n: int, n_keys: int, nnz: int, seed: int) -> list[tuple[dict[
 # ---------------------------------------------------------------- numerics
 
 
-def test_predictions_equal_the_quadratic_formula():
+@pytest.mark.parametrize("calibrate", [False, True])
+def test_predictions_equal_the_quadratic_formula(calibrate):
     stream = numeric_stream(300, n_keys=40, nnz=6, seed=1)
-    model = SparseFM(n_factors=5, init_std=0.3, seed=3)
+    model = SparseFM(n_factors=5, init_std=0.3, seed=3, calibrate=calibrate)
     for x, y in stream[:200]:
         model.learn_one(x, y)
+    c_lin, c_pair, c_off = model._bias[[_kernels.B_LIN, _kernels.B_PAIR, _kernels.B_OFF]]
+    assert (c_lin, c_pair, c_off) == (1.0, 1.0, 0.0) or calibrate
     rng = np.random.default_rng(7)
     for x, _ in stream[200:]:
         x = dict(x, unseen_feature=float(rng.normal()))  # unseen: contributes nothing
         p = model.predict_proba_one(x)[True]
-        raw = naive_raw(model, x)
+        lin, pair = naive_parts(model, x)
+        raw = model.w0 + c_lin * lin + c_pair * pair + c_off
         assert p == pytest.approx(1 / (1 + math.exp(-raw)), abs=1e-12)
         assert math.log(p / (1 - p)) == pytest.approx(raw, abs=1e-9)
 

@@ -1,0 +1,172 @@
+"""Calibration (stream_fm/updates.py): the reports against a plain reference, the model's own
+learning untouched by it, what it does on noise and on a timid model, and old states."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from helpers import state_equal
+
+from stream_fm import ConfigError, SparseFM
+from stream_fm._kernels import B_H, B_LIN, B_NORMS, B_OFF, B_PAIR, CAL_PRIOR
+
+
+def _ids_stream(n: int, seed: int, signal: float, ctr: float, fields: int = 4, values: int = 40):
+    """Categorical samples (every x is 1) whose clicks depend on per-value effects of size ``signal``."""
+    rng = np.random.default_rng(seed)
+    effects = rng.normal(0.0, signal, (fields, values))
+    base = math.log(ctr / (1 - ctr))
+    out = []
+    for _ in range(n):
+        ids = rng.integers(values, size=fields)
+        z = base + effects[np.arange(fields), ids].sum()
+        click = bool(rng.random() < 1 / (1 + math.exp(-z)))
+        out.append(({f"f{i}": f"v{v}" for i, v in enumerate(ids)}, click))
+    return out
+
+
+def _parts(model: SparseFM, x: dict[str, str]) -> tuple[float, float]:
+    """(linear part, pairwise part) of y_hat by the textbook formula, over trained rows only."""
+    index = model._index.as_dict()
+    rows = [index[f"{k}={v}"] for k, v in x.items() if f"{k}={v}" in index]
+    rows = [r for r in rows if model._last[r] >= 0]
+    V = model._V[rows]
+    lin = float(sum(model._w[r] for r in rows))
+    pair = 0.5 * float(np.sum(V.sum(axis=0) ** 2) - np.sum(V**2))
+    return lin, pair
+
+
+class _Reference:
+    """The calibration written out with numpy: a Gaussian prior, one Newton step per sample."""
+
+    def __init__(self) -> None:
+        self.theta = np.array([1.0, 1.0, 0.0])
+        self.H = CAL_PRIOR * np.eye(3)
+
+    def report(self, w0: float, lin: float, pair: float) -> float:
+        z = w0 + self.theta @ [lin, pair, 0.0] + self.theta[2]
+        return 1.0 / (1.0 + math.exp(-z))
+
+    def learn(self, lin: float, pair: float, p: float, y: bool) -> None:
+        x = np.array([lin, pair, 1.0])
+        self.H += p * (1 - p) * np.outer(x, x)
+        self.theta -= np.linalg.solve(self.H, (p - float(y)) * x)
+
+
+def _learn(model: SparseFM, stream) -> np.ndarray:
+    return model.learn_batch([x for x, _ in stream], [y for _, y in stream])
+
+
+def test_reports_are_the_calibrated_score_of_the_model_before_each_sample():
+    stream = _ids_stream(1500, seed=1, signal=0.8, ctr=0.2)
+    plain = SparseFM(seed=4, calibrate=False)  # the same factorization machine, reporting y_hat
+    ref = _Reference()
+    expected = []
+    for x, y in stream:
+        lin, pair = _parts(plain, x)
+        p = ref.report(plain.w0, lin, pair)
+        expected.append(p)
+        ref.learn(lin, pair, p, y)
+        plain.learn_one(x, y)
+    calibrated = SparseFM(seed=4)
+    got = _learn(calibrated, stream)
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=0)
+    bias = calibrated._bias
+    np.testing.assert_allclose(bias[[B_LIN, B_PAIR, B_OFF]], ref.theta, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(bias[B_H : B_H + 6], ref.H[np.triu_indices(3)], rtol=1e-12)
+    assert not np.allclose(ref.theta, [1.0, 1.0, 0.0], atol=0.05)  # it did move
+
+
+def test_calibration_does_not_change_what_the_model_learns():
+    stream = _ids_stream(2000, seed=2, signal=0.5, ctr=0.1)
+    on, off = SparseFM(seed=7), SparseFM(seed=7, calibrate=False)
+    p_on, p_off = _learn(on, stream), _learn(off, stream)
+    assert not np.array_equal(p_on, p_off)
+    a_on, _ = on.export_state()
+    a_off, _ = off.export_state()
+    for name in ("w", "V", "gw", "gV", "last", "key_bytes"):
+        assert np.array_equal(a_on[name], a_off[name]), name
+    assert np.array_equal(a_on["bias"][: B_NORMS + 1], a_off["bias"][: B_NORMS + 1])
+
+
+def test_without_calibration_a_report_is_sigma_of_y_hat_and_the_state_stays_the_identity():
+    stream = _ids_stream(800, seed=3, signal=0.8, ctr=0.3)
+    model = SparseFM(seed=1, calibrate=False)
+    for x, y in stream[:400]:
+        model.learn_one(x, y)
+    probe = [x for x, _ in stream[400:]]
+    want = []
+    for x in probe:
+        lin, pair = _parts(model, x)
+        want.append(1.0 / (1.0 + math.exp(-(model.w0 + lin + pair))))
+    np.testing.assert_allclose(model.predict_proba_batch(probe), want, rtol=1e-12)
+    assert model._bias[B_LIN] == model._bias[B_PAIR] == 1.0 and model._bias[B_OFF] == 0.0
+    assert SparseFM(optimizer="adagrad").calibrate is False and SparseFM().calibrate is True
+
+
+def _log_loss(p: np.ndarray, stream) -> float:
+    y = np.array([label for _, label in stream], float)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def test_features_that_carry_only_noise_are_shrunk():
+    """Rare clicks, ids that say nothing: the gain on the linear part falls far below 1 and the
+    calibrated reports beat the model's own."""
+    stream = _ids_stream(30_000, seed=5, signal=0.0, ctr=0.01, fields=6, values=30)
+    model = SparseFM(seed=0)
+    on = _learn(model, stream)
+    off = _learn(SparseFM(seed=0, calibrate=False), stream)
+    assert model._bias[B_LIN] < 0.5
+    assert _log_loss(on, stream) < 0.99 * _log_loss(off, stream)
+
+
+def test_a_model_that_learns_too_timidly_is_scaled_up():
+    stream = _ids_stream(20_000, seed=6, signal=1.0, ctr=0.3)
+    on = SparseFM(seed=0, learning_rate=0.05, factor_learning_rate=0.05)
+    off = SparseFM(seed=0, learning_rate=0.05, factor_learning_rate=0.05, calibrate=False)
+    p_on, p_off = _learn(on, stream), _learn(off, stream)
+    assert on._bias[B_LIN] > 1.5
+    assert _log_loss(p_on, stream) < 0.98 * _log_loss(p_off, stream)
+
+
+def test_a_state_written_before_calibration_loads_and_starts_from_the_identity():
+    """state_format 2 (a dense state of three numbers) is migrated: the same predictions at
+    first, then the model learns exactly as it would have, now with calibrated reports."""
+    stream = _ids_stream(1200, seed=8, signal=0.8, ctr=0.2)
+    old = SparseFM(seed=2, calibrate=False)
+    _learn(old, stream[:600])
+    arrays, meta = old.export_state()
+    config = {k: v for k, v in meta["config"].items() if k != "calibrate"}
+    v2_meta = {**meta, "state_format": 2, "config": config}
+    v2 = SparseFM.from_state({**arrays, "bias": arrays["bias"][:3]}, v2_meta)
+    assert v2.calibrate is True
+    probe = [x for x, _ in stream[600:700]]
+    assert np.array_equal(v2.predict_proba_batch(probe), old.predict_proba_batch(probe))
+    _learn(v2, stream[600:])
+    _learn(old, stream[600:])
+    a_v2, _ = v2.export_state()
+    a_old, _ = old.export_state()
+    assert all(np.array_equal(a_v2[k], a_old[k]) for k in ("w", "V", "gw", "gV"))
+    assert v2._bias[B_LIN] != 1.0
+    with pytest.raises(ConfigError, match=r"state array 'bias'.*shape \(3,\) in state_format 2"):
+        SparseFM.from_state({**arrays, "bias": arrays["bias"][:5]}, {**meta, "state_format": 2})
+
+
+def test_learn_batch_equals_the_loop_with_calibration():
+    stream = _ids_stream(700, seed=9, signal=0.8, ctr=0.3)
+    loop = SparseFM(seed=5)
+    expected = []
+    for x, y in stream:
+        expected.append(loop.predict_proba_one(x)[True])
+        loop.learn_one(x, y)
+    batch = SparseFM(seed=5)
+    got = np.concatenate([_learn(batch, stream[i : i + 100]) for i in range(0, 700, 100)])
+    assert np.array_equal(got, np.array(expected))
+    assert state_equal(loop, batch)
+
+
+def test_calibrate_must_be_a_bool():
+    with pytest.raises(ConfigError, match="calibrate"):
+        SparseFM(calibrate="yes")
