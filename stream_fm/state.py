@@ -22,8 +22,8 @@ STATE_FORMAT = 3
 # of today's from a new model's (``_kernels.fresh_bias``):
 # 1: before the normalized optimizer (bias [w0, accumulator]; the sum of sample norms 0: format 1
 #    models are adagrad or sgd, which ignore it);
-# 2: before calibration (bias [w0, accumulator, sum of norms]; the calibration starts at the
-#    identity, so the first predictions after the upgrade are the model's own).
+# 2: before calibration (bias [w0, accumulator, sum of norms]; the calibration is the identity,
+#    and the model is made with ``calibrate=False``: it predicts and learns on exactly as before).
 READABLE_FORMATS = (1, 2, 3)
 _BIAS_LENGTHS = {1: 2, 2: 3, 3: _kernels.BIAS_SIZE}
 
@@ -118,7 +118,10 @@ class StateIO:
                 (meta.get("class"), version),
                 f"({cls.__name__!r}, one of {READABLE_FORMATS}); this release writes {STATE_FORMAT}",
             )
-        model = cls(**meta["config"])
+        config = dict(meta["config"])
+        if version < 3:  # made before calibration: it stays the model it was
+            config.setdefault("calibrate", False)
+        model = cls(**config)
         n = int(meta["n_rows"])
         k = model.n_factors
         if "bias" in arrays:

@@ -152,6 +152,60 @@ def test_a_snapshot_with_other_model_settings_is_refused(tmp_path):
     assert "n_factors: snapshot 8, configured 4" in message and "learning_rate" in message
 
 
+PREVIOUS_DEFAULTS = {  # the normalized optimizer's settings before calibration (state_format 2)
+    "learning_rate": 1.5,
+    "factor_learning_rate": 0.7,
+    "bias_learning_rate": 1.0,
+    "initial_accumulator": 0.2,
+}
+
+
+def _as_state_format_2(path: Path) -> None:
+    """Rewrite a snapshot as the previous release wrote it: a dense state of three numbers, no
+    ``calibrate`` setting, state_format 2 (checksums and all)."""
+    import hashlib
+    import json
+
+    bias = path / "model.bias.npy"
+    np.save(bias, np.load(bias)[:3])
+    manifest = json.loads((path / snapshot.MANIFEST).read_bytes())
+    manifest["model"]["state_format"] = 2
+    del manifest["model"]["config"]["calibrate"]
+    data = bias.read_bytes()
+    info = manifest["files"]["model.bias.npy"]
+    info.update(sha256=hashlib.sha256(data).hexdigest(), size=len(data), shape=[3])
+    body = json.dumps(manifest).encode()
+    (path / snapshot.MANIFEST).write_bytes(body)
+    (path / snapshot.MANIFEST_SHA256).write_text(hashlib.sha256(body).hexdigest())
+
+
+def test_a_snapshot_of_the_previous_release_is_served_refused_with_new_defaults_and_continued(tmp_path):
+    from stream_fm import serving
+
+    events = tmp_path / "events.jsonl"
+    write_events(events, 1500)
+    root = tmp_path / "snaps"
+    old = dict(PREVIOUS_DEFAULTS, calibrate=False)
+    worker = Worker(FileSource(events), WorkerConfig(snapshot_dir=root, model=old))
+    worker.run()
+    snap = final(root)
+    _as_state_format_2(snap.path)
+    probe = [
+        {"user": f"u{i}", "ad": f"a{i % 7}", "site": f"s{i % 5}", "position": 1.0 + i % 3} for i in range(50)
+    ]
+    want = worker.model.predict_proba_batch(probe)
+    assert np.ptp(want) > 0.01  # features it learned
+    assert np.array_equal(serving.load(root).predict_batch(probe), want)  # serving reads it
+    with pytest.raises(ConfigError) as info:
+        Worker(FileSource(events), WorkerConfig(snapshot_dir=root)).restore()  # the new defaults
+    assert "calibrate: snapshot False, configured True" in str(info.value)
+    assert "learning_rate: snapshot 1.5, configured 2.0" in str(info.value)
+    again = Worker(FileSource(events), WorkerConfig(snapshot_dir=root, model=old))
+    again.restore()  # its own settings: the model it was, bit for bit
+    assert again.model.calibrate is False
+    assert np.array_equal(again.model.predict_proba_batch(probe), want)
+
+
 def test_all_snapshots_corrupt_is_an_error_not_a_silent_fresh_start(tmp_path):
     events = tmp_path / "events.jsonl"
     write_events(events, 500)
