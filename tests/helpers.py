@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,23 @@ def categorical_stream(n: int, seed: int) -> list[tuple[dict, bool]]:
         }
         out.append((x, bool(rng.random() < 0.3)))
     return out
+
+
+def assert_batch_equals_loop(
+    make: Callable[[], SparseFM], stream: list[tuple[dict, bool]], chunk: int
+) -> None:
+    """``learn_batch`` over chunks of ``stream`` reports and leaves exactly what a loop of
+    ``predict_proba_one`` + ``learn_one`` does, bit for bit."""
+    loop = make()
+    expected = []
+    for x, y in stream:
+        expected.append(loop.predict_proba_one(x)[True])
+        loop.learn_one(x, y)
+    batch = make()
+    parts = [stream[i : i + chunk] for i in range(0, len(stream), chunk)]
+    got = np.concatenate([batch.learn_batch([x for x, _ in p], [y for _, y in p]) for p in parts])
+    assert np.array_equal(got, np.array(expected))
+    assert state_equal(loop, batch)
 
 
 def state_equal(a: SparseFM, b: SparseFM) -> bool:

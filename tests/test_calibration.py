@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from helpers import state_equal
+from helpers import assert_batch_equals_loop, state_equal
 
 from stream_fm import ConfigError, SparseFM
 from stream_fm._kernels import B_H, B_LIN, B_NORMS, B_OFF, B_PAIR, CAL_PRIOR
@@ -149,16 +149,7 @@ def test_a_state_written_before_calibration_loads_and_continues_exactly():
 
 
 def test_learn_batch_equals_the_loop_with_calibration():
-    stream = _ids_stream(700, seed=9, signal=0.8, ctr=0.3)
-    loop = SparseFM(seed=5)
-    expected = []
-    for x, y in stream:
-        expected.append(loop.predict_proba_one(x)[True])
-        loop.learn_one(x, y)
-    batch = SparseFM(seed=5)
-    got = np.concatenate([_learn(batch, stream[i : i + 100]) for i in range(0, 700, 100)])
-    assert np.array_equal(got, np.array(expected))
-    assert state_equal(loop, batch)
+    assert_batch_equals_loop(lambda: SparseFM(seed=5), _ids_stream(700, seed=9, signal=0.8, ctr=0.3), 100)
 
 
 def test_calibrate_must_be_a_bool():

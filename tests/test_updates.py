@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import categorical_stream, state_equal
+from helpers import assert_batch_equals_loop, categorical_stream, state_equal
 
 from stream_fm import ConfigError, SparseFM
 
@@ -63,15 +63,7 @@ def test_learn_batch_equals_the_loop_when_scales_grow_mid_batch():
         ({"n": float(i + 1), "m": float((i * 7) % 13) - 6.0, "ad": f"a{i % 5}"}, i % 3 == 0)
         for i in range(400)
     ]
-    loop = SparseFM(seed=3)
-    expected = []
-    for x, y in stream:
-        expected.append(loop.predict_proba_one(x)[True])
-        loop.learn_one(x, y)
-    batch = SparseFM(seed=3)
-    got = np.concatenate([_run(batch, stream[i : i + 64]) for i in range(0, 400, 64)])
-    assert np.array_equal(got, np.array(expected))
-    assert state_equal(loop, batch)
+    assert_batch_equals_loop(lambda: SparseFM(seed=3), stream, 64)
 
 
 def test_a_state_written_before_the_normalized_optimizer_loads_and_continues_exactly():
