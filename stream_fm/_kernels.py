@@ -216,13 +216,6 @@ def _gather(rows, vals, a, b, last, learning, out_r, out_x, out_new):
 
 
 @nb.njit(cache=True, error_model="numpy", inline="always")
-def _raw(cr, cx, m, w, V, sums):
-    """y_hat - w0 over scratch entries ``0..m-1`` (eq. 8); leaves s_f in ``sums``."""
-    lin, pair = _parts(cr, cx, m, w, V, sums)
-    return lin + pair
-
-
-@nb.njit(cache=True, error_model="numpy", inline="always")
 def _score(bias, lin, pair):
     """The calibrated score of a sample whose linear and pairwise sums are ``lin``, ``pair``."""
     return bias[B_W0] + (bias[B_LIN] * lin + bias[B_PAIR] * pair) + bias[B_OFF]
