@@ -42,15 +42,19 @@ MARKER = "stream_fm.fingerprint"
 PACKAGE = os.path.dirname(os.path.abspath(__file__))
 
 
-def fingerprint() -> str:
-    """sha256 of numba's version and every source file of the package (what kernels depend on)."""
+def fingerprint(package: str = PACKAGE) -> str:
+    """sha256 of numba's version and every source file of the package, subpackages included
+    (what kernels depend on)."""
     from importlib.metadata import version
 
     digest = hashlib.sha256(version("numba").encode())
-    for name in sorted(os.listdir(PACKAGE)):
-        if name.endswith((".py", ".c")):
-            with open(os.path.join(PACKAGE, name), "rb") as f:
-                digest.update(name.encode() + b"\0" + f.read())
+    for top, dirs, files in os.walk(package):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for name in sorted(files):
+            if name.endswith((".py", ".c")):
+                path = os.path.join(top, name)
+                with open(path, "rb") as f:
+                    digest.update(os.path.relpath(path, package).encode() + b"\0" + f.read())
     return digest.hexdigest()
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 
+from stream_fm import kernelcache
+
 pytestmark = pytest.mark.slow
 
 WORKER = textwrap.dedent(
@@ -76,3 +78,16 @@ def test_a_worker_on_a_warmed_cache_compiles_nothing(tmp_path: Path) -> None:
     cold = {**base, "NUMBA_CACHE_DIR": str(tmp_path / "cold")}
     report = json.loads(_run([sys.executable, "-c", WORKER, str(tmp_path / "snaps-cold")], cold))
     assert report["compiled"] > 0
+
+
+def test_the_fingerprint_covers_subpackages(tmp_path):
+    """A kernel may call code in any module of the package: a change anywhere is a new fingerprint."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "sub" / "b.py").write_text("y = 1\n")
+    (tmp_path / "notes.txt").write_text("not source\n")
+    first = kernelcache.fingerprint(str(tmp_path))
+    (tmp_path / "notes.txt").write_text("still not source\n")
+    assert kernelcache.fingerprint(str(tmp_path)) == first
+    (tmp_path / "sub" / "b.py").write_text("y = 2\n")
+    assert kernelcache.fingerprint(str(tmp_path)) != first
