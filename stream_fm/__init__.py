@@ -9,6 +9,7 @@ _kernelcache.drop_stale()  # and none compiled from other sources than these
 
 from stream_fm.errors import (  # noqa: E402
     ConfigError,
+    DeltaError,
     FeatureError,
     LabelError,
     RootLockedError,
@@ -19,6 +20,7 @@ from stream_fm.model import SparseFM  # noqa: E402
 
 __all__ = [
     "ConfigError",
+    "DeltaError",
     "FeatureError",
     "LabelError",
     "RootLockedError",

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "FeatureError", "LabelError", "RootLockedError", "SnapshotError", "StreamFMError"]
+__all__ = [
+    "ConfigError",
+    "DeltaError",
+    "FeatureError",
+    "LabelError",
+    "RootLockedError",
+    "SnapshotError",
+    "StreamFMError",
+]
 
 
 class StreamFMError(Exception):
@@ -64,3 +72,11 @@ class RootLockedError(StreamFMError):
             f"snapshot directory {str(root)!r} is locked by another writer: {who}. One writer per "
             "snapshot directory: stop that one, or give this one another --snapshot-dir"
         )
+
+
+class DeltaError(StreamFMError):
+    """A sync message or a delta is malformed, corrupt or inconsistent; never applied."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"sync delta: {reason}")

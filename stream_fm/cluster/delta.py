@@ -1,0 +1,201 @@
+"""A partition's delta for one round, and its wire format on the sync topic (cluster mode).
+
+A :class:`Delta` is what one round of one partition changed in the model: named numeric arrays
+(the rows it touched, by key, and the changes of their parameters and optimizer state) plus a
+JSON-able ``meta`` (offsets, counters). Members exchange deltas as Kafka messages, so the format
+is a contract between processes, and between releases:
+
+- **payload**: ``b"SFMD"``, a little-endian u32 header length, the header (JSON, UTF-8:
+  ``format``, ``partition``, ``round``, ``meta``, and ``arrays`` as ``[name, dtype, shape]``), then
+  each array's bytes, little-endian, C order, back to back. Numbers only: the dtypes allowed are
+  ``ALLOWED_DTYPES``; nothing is ever unpickled.
+- **messages**: the payload cut into chunks so that every message stays under the broker's size
+  limit. A message is ``b"SFMC"``, a u32 header length, the chunk header (JSON: ``partition``,
+  ``round``, ``index``, ``count``, ``payload_sha256``, ``chunk_sha256``), then the chunk's bytes.
+
+:class:`Assembler` takes messages in any order, interleaved between deltas, and hands back each
+delta once all its chunks are in. Every chunk is checked against its own sha256 and the whole
+payload against ``payload_sha256``; anything that does not match — a flipped bit, a truncated
+message, chunks of one delta that disagree — raises :class:`DeltaError` and is never applied. A
+chunk that arrives twice (a re-read after a restart) is taken once if it is the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from stream_fm.errors import ConfigError, DeltaError
+
+__all__ = ["ALLOWED_DTYPES", "FORMAT", "Assembler", "Delta", "encode"]
+
+FORMAT = 1
+PAYLOAD_MAGIC = b"SFMD"
+CHUNK_MAGIC = b"SFMC"
+# numeric types only, little-endian (or byte-sized): a delta never carries an object array
+ALLOWED_DTYPES = ("<f8", "<f4", "<f2", "<i8", "<i4", "|u1", "|i1")
+_U32 = struct.Struct("<I")
+_CHUNK_HEADER_ROOM = 400  # bytes a chunk's magic, length and JSON header take at most
+
+
+@dataclass
+class Delta:
+    """Round ``round`` of partition ``partition``: named arrays and a JSON-able ``meta``."""
+
+    partition: int
+    round: int
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def same_as(self, other: Delta) -> bool:
+        """Equal in every field, arrays bit for bit (dtype and shape included)."""
+        return (
+            (self.partition, self.round, self.meta) == (other.partition, other.round, other.meta)
+            and self.arrays.keys() == other.arrays.keys()
+            and all(_identical(a, other.arrays[name]) for name, a in self.arrays.items())
+        )
+
+
+def encode(delta: Delta, max_bytes: int) -> list[bytes]:
+    """The delta as messages of at most ``max_bytes`` each (the broker's ``max.message.bytes``
+    less what Kafka adds to a record), in chunk order."""
+    if not isinstance(max_bytes, int) or max_bytes < 2 * _CHUNK_HEADER_ROOM:
+        raise ConfigError("max_bytes", max_bytes, f"an integer >= {2 * _CHUNK_HEADER_ROOM}")
+    payload = _payload(delta)
+    room = max_bytes - _CHUNK_HEADER_ROOM
+    pieces = [payload[i : i + room] for i in range(0, len(payload), room)]
+    digest = hashlib.sha256(payload).hexdigest()
+    messages = []
+    for index, piece in enumerate(pieces):
+        header = {
+            "partition": delta.partition,
+            "round": delta.round,
+            "index": index,
+            "count": len(pieces),
+            "payload_sha256": digest,
+            "chunk_sha256": hashlib.sha256(piece).hexdigest(),
+        }
+        body = json.dumps(header, separators=(",", ":")).encode()
+        messages.append(CHUNK_MAGIC + _U32.pack(len(body)) + body + piece)
+    return messages
+
+
+def _payload(delta: Delta) -> bytes:
+    arrays = []
+    blobs = []
+    for name, a in delta.arrays.items():
+        a = np.ascontiguousarray(a)
+        if a.dtype.byteorder == ">":
+            a = a.astype(a.dtype.newbyteorder("<"))
+        if a.dtype.str not in ALLOWED_DTYPES:
+            raise DeltaError(f"array {name!r} is {a.dtype.str}: expected one of {ALLOWED_DTYPES}")
+        arrays.append([name, a.dtype.str, list(a.shape)])
+        blobs.append(a.tobytes())
+    header = {
+        "format": FORMAT,
+        "partition": delta.partition,
+        "round": delta.round,
+        "meta": delta.meta,
+        "arrays": arrays,
+    }
+    try:
+        body = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as e:
+        raise DeltaError(f"meta is not plain JSON (numbers finite): {e}") from e
+    return b"".join([PAYLOAD_MAGIC, _U32.pack(len(body)), body, *blobs])
+
+
+def decode_payload(payload: bytes) -> Delta:
+    """A delta from its payload (checksums are the caller's: :class:`Assembler` checks them)."""
+    header, offset = _split(payload, PAYLOAD_MAGIC, "payload")
+    if header.get("format") != FORMAT:
+        raise DeltaError(f"format {header.get('format')!r} is not supported (expected {FORMAT})")
+    arrays = {}
+    try:
+        for name, dtype, shape in header["arrays"]:
+            if dtype not in ALLOWED_DTYPES or not all(isinstance(n, int) and n >= 0 for n in shape):
+                raise DeltaError(f"array {name!r}: dtype {dtype!r} and shape {shape!r} are not allowed")
+            size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            if offset + size > len(payload):
+                raise DeltaError(f"array {name!r} runs past the end of the payload (truncated)")
+            arrays[name] = np.frombuffer(payload, dtype, int(np.prod(shape)), offset).reshape(shape)
+            offset += size
+        partition, rnd, meta = int(header["partition"]), int(header["round"]), dict(header["meta"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DeltaError(f"the payload's header is malformed: {e!r}") from e
+    if offset != len(payload):
+        raise DeltaError(f"{len(payload) - offset} bytes after the last array")
+    return Delta(partition, rnd, arrays, meta)
+
+
+def _split(data: bytes, magic: bytes, what: str) -> tuple[dict[str, Any], int]:
+    """(the JSON header, where the data after it starts) of a payload or a message."""
+    if len(data) < 8 or data[:4] != magic:
+        raise DeltaError(f"not a stream-fm {what} (magic {bytes(data[:4])!r}, expected {magic!r})")
+    (length,) = _U32.unpack_from(data, 4)
+    if 8 + length > len(data):
+        raise DeltaError(f"the {what}'s header runs past its end (truncated)")
+    try:
+        header = json.loads(bytes(data[8 : 8 + length]))
+    except ValueError as e:
+        raise DeltaError(f"the {what}'s header is not JSON: {e}") from e
+    if not isinstance(header, dict):
+        raise DeltaError(f"the {what}'s header is not a JSON object")
+    return header, 8 + length
+
+
+class Assembler:
+    """Reassembles deltas from their messages, checking every checksum on the way."""
+
+    def __init__(self) -> None:
+        # (partition, round) -> (count, payload sha256, chunks by index)
+        self._partial: dict[tuple[int, int], tuple[int, str, dict[int, bytes]]] = {}
+
+    @property
+    def pending(self) -> list[tuple[int, int]]:
+        """(partition, round) of the deltas whose chunks are not all in yet."""
+        return sorted(self._partial)
+
+    def add(self, message: bytes) -> Delta | None:
+        """Take one message; return its delta when this was the last chunk missing, else None."""
+        header, start = _split(message, CHUNK_MAGIC, "sync message")
+        try:
+            key = (int(header["partition"]), int(header["round"]))
+            index, count = int(header["index"]), int(header["count"])
+            digest, chunk_digest = str(header["payload_sha256"]), str(header["chunk_sha256"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DeltaError(f"a sync message's header is malformed: {e!r}") from e
+        where = f"partition {key[0]} round {key[1]} chunk {index}"
+        piece = bytes(message[start:])
+        if hashlib.sha256(piece).hexdigest() != chunk_digest:
+            raise DeltaError(f"{where}: its bytes do not match its sha256 (corrupt or truncated)")
+        if not 0 <= index < count:
+            raise DeltaError(f"{where}: index out of range (count {count})")
+        known = self._partial.setdefault(key, (count, digest, {}))
+        if known[:2] != (count, digest):
+            raise DeltaError(f"{where}: disagrees with earlier chunks of the same delta (count, sha256)")
+        chunks = known[2]
+        if index in chunks:
+            if chunks[index] != piece:
+                raise DeltaError(f"{where}: arrived twice with different bytes")
+            return None  # the same chunk again (a re-read): taken once
+        chunks[index] = piece
+        if len(chunks) < count:
+            return None
+        del self._partial[key]
+        payload = b"".join(chunks[i] for i in range(count))
+        if hashlib.sha256(payload).hexdigest() != digest:
+            raise DeltaError(f"partition {key[0]} round {key[1]}: the payload does not match its sha256")
+        delta = decode_payload(payload)
+        if (delta.partition, delta.round) != key:
+            raise DeltaError(f"{where}: the payload is of partition {delta.partition} round {delta.round}")
+        return delta
+
+
+def _identical(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
