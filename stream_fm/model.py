@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 from river import base
 
-from stream_fm import _encode, _kernels, fastpath, updates
-from stream_fm.errors import ConfigError, LabelError
+from stream_fm import _encode, _kernels, checks, fastpath, updates
+from stream_fm.errors import ConfigError
 from stream_fm.features import encode_batch
 from stream_fm.keyindex import KeyIndex, encode_keys
 from stream_fm.rows import Encoded, Rows, encode_rows
@@ -138,34 +138,38 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
         hash_bits: int | None = None,
         seed: int = 0,
     ) -> None:
-        self.n_factors = _check_int("n_factors", n_factors, 1, 256)
+        self.n_factors = checks.check_int("n_factors", n_factors, 1, 256)
         if optimizer not in updates.OPTIMIZERS:
             raise ConfigError("optimizer", optimizer, f"one of {sorted(updates.OPTIMIZERS)}")
         self.optimizer = optimizer
         if learning_rate is None:  # each optimizer's own scale
             learning_rate = _DEFAULT_RATES[optimizer]
-        self.learning_rate = _check_float("learning_rate", learning_rate, positive=True)
+        self.learning_rate = checks.check_float("learning_rate", learning_rate, positive=True)
         if bias_learning_rate is None:
             bias_learning_rate = _DEFAULT_BIAS_RATE if optimizer == "normalized" else self.learning_rate
-        self.bias_learning_rate = _check_float("bias_learning_rate", bias_learning_rate, positive=True)
+        self.bias_learning_rate = checks.check_float("bias_learning_rate", bias_learning_rate, positive=True)
         if factor_learning_rate is None:
             factor_learning_rate = _DEFAULT_FACTOR_RATE if optimizer == "normalized" else self.learning_rate
-        self.factor_learning_rate = _check_float("factor_learning_rate", factor_learning_rate, positive=True)
-        self.initial_accumulator = _check_float("initial_accumulator", initial_accumulator)
+        self.factor_learning_rate = checks.check_float(
+            "factor_learning_rate", factor_learning_rate, positive=True
+        )
+        self.initial_accumulator = checks.check_float("initial_accumulator", initial_accumulator)
         if calibrate is None:
             calibrate = optimizer == "normalized"
         if not isinstance(calibrate, (bool, np.bool_)):
             raise ConfigError("calibrate", calibrate, "true, false or None (on with normalized)")
         self.calibrate = bool(calibrate)
-        self.l2_w = _check_float("l2_w", l2_w)
-        self.l2_v = _check_float("l2_v", l2_v)
-        self.init_std = _check_float("init_std", init_std)
-        self.clip_gradient = _check_float("clip_gradient", clip_gradient, positive=True)
-        self.max_features = None if max_features is None else _check_int("max_features", max_features, 1)
-        self.min_count = _check_int("min_count", min_count, 1)
-        self.admission_capacity = _check_int("admission_capacity", admission_capacity, 1)
-        self.hash_bits = None if hash_bits is None else _check_int("hash_bits", hash_bits, 1, 30)
-        self.seed = _check_int("seed", seed, 0, 2**63 - 1)
+        self.l2_w = checks.check_float("l2_w", l2_w)
+        self.l2_v = checks.check_float("l2_v", l2_v)
+        self.init_std = checks.check_float("init_std", init_std)
+        self.clip_gradient = checks.check_float("clip_gradient", clip_gradient, positive=True)
+        self.max_features = (
+            None if max_features is None else checks.check_int("max_features", max_features, 1)
+        )
+        self.min_count = checks.check_int("min_count", min_count, 1)
+        self.admission_capacity = checks.check_int("admission_capacity", admission_capacity, 1)
+        self.hash_bits = None if hash_bits is None else checks.check_int("hash_bits", hash_bits, 1, 30)
+        self.seed = checks.check_int("seed", seed, 0, 2**63 - 1)
         if self.hash_bits is not None and (self.max_features is not None or self.min_count > 1):
             raise ConfigError(
                 "hash_bits",
@@ -270,7 +274,7 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
 
     def learn_one(self, x: Mapping[str, Any], y: Any) -> None:
         """Update the model with one sample. Returns None, as river's estimators do."""
-        label = _label(y)
+        label = checks.label(y)
         if self._bound_to is not self:
             self._bind()
         rest = _encode.learn_one(x, label, self._address)
@@ -289,7 +293,7 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
         ``predict_proba_one`` + ``learn_one``. A bad sample raises before anything is learned.
         """
         xs = xs if isinstance(xs, Sequence) else list(xs)
-        labels = _labels(ys, len(xs))  # checked before anything changes
+        labels = checks.labels(ys, len(xs))  # checked before anything changes
         return self._learn_encoded(self._encode(xs, learning=True), labels)
 
     # ------------------------------------------------------------------ encoding
@@ -387,36 +391,3 @@ _PARAMS = (
     "hash_bits",
     "seed",
 )
-
-
-def _label(y: Any) -> float:
-    if y is True or y == 1:
-        return 1.0
-    if y is False or y == 0:
-        return 0.0
-    raise LabelError(y)
-
-
-def _labels(ys: Iterable[Any], n: int) -> np.ndarray:
-    labels = np.array([_label(y) for y in ys], np.float64)
-    if labels.shape[0] != n:
-        raise LabelError(f"{labels.shape[0]} labels for {n} samples")
-    return labels
-
-
-def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ConfigError(name, value, f"an integer >= {lo}" + (f" and <= {hi}" if hi else ""))
-    if value < lo or (hi is not None and value > hi):
-        raise ConfigError(name, value, f"an integer >= {lo}" + (f" and <= {hi}" if hi else ""))
-    return int(value)
-
-
-def _check_float(name: str, value: Any, positive: bool = False) -> float:
-    allowed = "a finite number " + ("> 0" if positive else ">= 0")
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ConfigError(name, value, allowed)
-    v = float(value)
-    if not np.isfinite(v) or v < 0 or (positive and v == 0):
-        raise ConfigError(name, value, allowed)
-    return v
