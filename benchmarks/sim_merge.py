@@ -11,6 +11,8 @@ accumulators, and the row's scale N — is merged into the base by one rule:
 - ``sum``: every partition's change added (each took its step from the same base: over-steps a
   row that several partitions touched);
 - ``mean``: the changes of a row averaged over the partitions that touched it;
+- ``sqrt``: the changes of a row added, divided by the square root of the number of partitions
+  that touched it (between the two: one residual corrected m times, or m independent pieces);
 - ``adagrad``: each partition's change of a coordinate weighted by its share of that coordinate's
   accumulator growth in the round (VW's ``accumulate`` with AdaGrad weighting; Agarwal et al.,
   JMLR 2014);
@@ -46,7 +48,7 @@ from stream_fm import SparseFM
 from stream_fm._kernels import B_ACC, B_H, B_LIN, B_NORMS, B_W0
 from stream_fm.keyindex import decode_keys, encode_keys
 
-RULES = ("sum", "mean", "adagrad", "rescaled")
+RULES = ("sum", "mean", "sqrt", "adagrad", "rescaled")
 STREAMS = {  # the three kinds the issue names
     "sparse ids (planted FM, 200k)": "planted FM, enough (200k)",
     "dense table (census-like, 48.8k)": "census-like table (48.8k)",
@@ -91,7 +93,11 @@ def delta(base: Base, learner: SparseFM, start: int) -> tuple[list[str], dict[st
         else:
             for name in ("w", "V", "gw", "gV"):
                 before[name][i] = base.a[name][r]
-    out = {f"d{name}": after[name] - before[name] for name in ("w", "V", "gw", "gV")}
+    # the row's scale N in base and learner: parameters learned at a smaller scale are shrunk by
+    # (N_old / N_new)^2 when it grows (the normalized update), so changes are measured at one scale
+    out = {f"d{name}": after[name] - before[name] for name in ("gw", "gV")}
+    out["w"], out["V"], out["w_base"], out["V_base"] = after["w"], after["V"], before["w"], before["V"]
+    out["N_base"] = before["gV"][:, k].copy()
     out["N"] = after["gV"][:, k]
     out["last"] = after["last"]
     out["bias"] = np.asarray(arrays["bias"])
@@ -101,9 +107,8 @@ def delta(base: Base, learner: SparseFM, start: int) -> tuple[list[str], dict[st
 def merge(base: Base, deltas: list[tuple[list[str], dict[str, np.ndarray]]], rule: str, k: int) -> None:
     """Fold the round's deltas into ``base`` (partition order), vectorised over the touched rows."""
     keys = [key for ks, _ in deltas for key in ks]
-    cat = {
-        name: np.concatenate([d[name] for _, d in deltas]) for name in ("dw", "dV", "dgw", "dgV", "N", "last")
-    }
+    names = ("w", "V", "w_base", "V_base", "N_base", "dgw", "dgV", "N", "last")
+    cat = {name: np.concatenate([d[name] for _, d in deltas]) for name in names}
     a = base.a
     new = list(dict.fromkeys(key for key in keys if key not in base.row))
     if new:
@@ -118,12 +123,25 @@ def merge(base: Base, deltas: list[tuple[list[str], dict[str, np.ndarray]]], rul
         a["last"] = np.concatenate([a["last"], np.full(len(new), -1, np.int64)])
     rows = np.array([base.row[key] for key in keys], np.int64)
     n = len(base.keys)
+    # every value at the merged scale N* (the largest any partition saw): shrunk by (N / N*)^2
+    merged_n = a["gV"][:, k].copy()
+    np.maximum.at(merged_n, rows, cat["N"])
+    n_star = np.where(merged_n[rows] > 0, merged_n[rows], 1.0)
+    f_after = np.where(cat["N"] > 0, (cat["N"] / n_star) ** 2, 1.0)
+    f_base = np.where(cat["N_base"] > 0, (cat["N_base"] / n_star) ** 2, 1.0)
+    cat["dw"] = cat["w"] * f_after - cat["w_base"] * f_base
+    cat["dV"] = cat["V"] * f_after[:, None] - cat["V_base"] * f_base[:, None]
+    touched = np.unique(rows)
+    old_n, new_n = a["gV"][touched, k], merged_n[touched]
+    shrink = np.where(old_n > 0, (old_n / np.where(new_n > 0, new_n, 1.0)) ** 2, 1.0)
+    a["w"][touched] *= shrink
+    a["V"][touched] *= shrink[:, None]
     if rule == "sum":
         weight_w = np.ones(len(rows))
         weight_v = np.ones((len(rows), k))
-    elif rule == "mean":
+    elif rule in ("mean", "sqrt"):
         count = np.bincount(rows, minlength=n).astype(float)
-        weight_w = 1.0 / count[rows]
+        weight_w = 1.0 / (count[rows] if rule == "mean" else np.sqrt(count[rows]))
         weight_v = np.repeat(weight_w[:, None], k, axis=1)
     elif rule == "rescaled":
         acc0 = base.meta["config"]["initial_accumulator"]
@@ -150,9 +168,7 @@ def merge(base: Base, deltas: list[tuple[list[str], dict[str, np.ndarray]]], rul
     np.add.at(a["V"], rows, weight_v * cat["dV"])
     np.add.at(a["gw"], rows, cat["dgw"])
     np.add.at(a["gV"][:, :k], rows, cat["dgV"][:, :k])
-    scale = a["gV"][:, k].copy()
-    np.maximum.at(scale, rows, cat["N"])
-    a["gV"][:, k] = scale
+    a["gV"][:, k] = merged_n
     np.maximum.at(a["last"], rows, cat["last"])
     biases = np.array([d["bias"] for _, d in deltas])
     old = a["bias"].copy()
