@@ -39,8 +39,9 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
     """Online factorization machine for binary labels (clicks), trained by per-sample SGD.
 
     The model (Rendle, 2010) is ``y_hat = w0 + sum_i w_i x_i + sum_{i<j} <v_i, v_j> x_i x_j``,
-    computed in O(k * nnz) over the sample's non-zero features, and ``p = sigma(y_hat)``. Each
-    sample descends the log loss once, in arrival order.
+    computed in O(k * nnz) over the sample's non-zero features, and ``p = sigma(y_hat)`` (with
+    ``calibrate``: of y_hat's parts under three gains fitted online). Each sample descends the log
+    loss once, in arrival order.
 
     Parameters
     ----------
