@@ -99,6 +99,14 @@ class WorkerCollector(Collector):
             m.n_skipped - self.started_model[1],
         )
         yield _gauge("stream_fm_model_memory_bytes", "Bytes held by the model (estimate)", m.memory_bytes)
+        calibration = GaugeMetricFamily(
+            "stream_fm_model_calibration",
+            "Calibration of the reports: gains on the linear and pairwise parts, and the offset",
+            labels=["part"],
+        )
+        for part, v in zip(("linear", "pairwise", "offset"), m.calibration, strict=True):
+            calibration.add_metric([part], _finite(v))
+        yield calibration
         yield _gauge(
             "stream_fm_model_samples_seen", "Samples the model has learned in its lifetime", m.samples_seen
         )

@@ -247,6 +247,12 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
         return float(self._bias[0])
 
     @property
+    def calibration(self) -> tuple[float, float, float]:
+        """(c_lin, c_pair, c_off): the gains on y_hat's linear and pairwise parts and the offset
+        that reports go through; (1, 1, 0) without ``calibrate``."""
+        return tuple(float(v) for v in self._bias[[_kernels.B_LIN, _kernels.B_PAIR, _kernels.B_OFF]])
+
+    @property
     def memory_bytes(self) -> int:
         """Bytes held by the parameter slabs, the key index and the admission table (estimate)."""
         arrays = sum(a.nbytes for a in (self._w, self._V, self._gw, self._gV, self._last))
