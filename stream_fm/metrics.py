@@ -101,10 +101,10 @@ class WorkerCollector(Collector):
         yield _gauge("stream_fm_model_memory_bytes", "Bytes held by the model (estimate)", m.memory_bytes)
         calibration = GaugeMetricFamily(
             "stream_fm_model_calibration",
-            "Calibration of the reports: gains on the linear and pairwise parts, and the offset",
+            "Calibration of the reports: gains on the intercept, linear and pairwise parts; the offset",
             labels=["part"],
         )
-        for part, v in zip(("linear", "pairwise", "offset"), m.calibration, strict=True):
+        for part, v in zip(("intercept", "linear", "pairwise", "offset"), m.calibration, strict=True):
             calibration.add_metric([part], _finite(v))
         yield calibration
         yield _gauge(

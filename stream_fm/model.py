@@ -40,7 +40,7 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
 
     The model (Rendle, 2010) is ``y_hat = w0 + sum_i w_i x_i + sum_{i<j} <v_i, v_j> x_i x_j``,
     computed in O(k * nnz) over the sample's non-zero features, and ``p = sigma(y_hat)`` (with
-    ``calibrate``: of y_hat's parts under three gains fitted online). Each sample descends the log
+    ``calibrate``: of y_hat's parts under gains fitted online). Each sample descends the log
     loss once, in arrival order.
 
     Parameters
@@ -66,8 +66,8 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
         The normalized optimizer's accumulators start here, >= 0: a feature's first steps are
         ``learning_rate * g / sqrt(initial_accumulator + g^2)``, measured rather than full.
     calibrate
-        Report ``sigma(w0 + c_lin * linear part + c_pair * pairwise part + c_off)``, the three
-        numbers fitted online to the reports (see :mod:`stream_fm.updates`). None: on with
+        Report ``sigma(c_0 * w0 + c_lin * linear part + c_pair * pairwise part + c_off)``, the
+        four numbers fitted online to the reports (see :mod:`stream_fm.updates`). None: on with
         ``"normalized"``, off with the others (whose reports are then the textbook sigma(y_hat)).
     l2_w, l2_v
         L2 penalties on the linear weights and on the latent vectors, >= 0, applied (lazily) to
@@ -247,10 +247,11 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
         return float(self._bias[0])
 
     @property
-    def calibration(self) -> tuple[float, float, float]:
-        """(c_lin, c_pair, c_off): the gains on y_hat's linear and pairwise parts and the offset
-        that reports go through; (1, 1, 0) without ``calibrate``."""
-        return tuple(float(v) for v in self._bias[[_kernels.B_LIN, _kernels.B_PAIR, _kernels.B_OFF]])
+    def calibration(self) -> tuple[float, float, float, float]:
+        """(c_0, c_lin, c_pair, c_off): the gains on the intercept and on y_hat's linear and
+        pairwise parts, and the offset, that reports go through; (1, 1, 1, 0) without
+        ``calibrate``."""
+        return tuple(float(v) for v in self._bias[_kernels.B_GAIN0 : _kernels.B_H])
 
     @property
     def memory_bytes(self) -> int:

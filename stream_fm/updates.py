@@ -19,15 +19,16 @@ Three optimizers, chosen per model (``SparseFM(optimizer=...)``):
 - ``"sgd"``: a constant rate (the reference's algorithm).
 
 Calibration (``SparseFM(calibrate=...)``, on by default with ``"normalized"``): what the model
-reports is ``sigma(w0 + c_lin * lin + c_pair * pair + c_off)``, where ``lin`` and ``pair`` are
-the linear and pairwise parts of y_hat and the three numbers are a logistic regression fitted
+reports is ``sigma(c_0 * w0 + c_lin * lin + c_pair * pair + c_off)``, where ``lin`` and ``pair``
+are the linear and pairwise parts of y_hat and the four numbers are a logistic regression fitted
 online, one Newton step per sample, on the probabilities reported (stacking; the calibration
 layer of McMahan et al., "Ad click prediction: a view from the trenches", KDD 2013, sec. 7). The
 factorization machine learns on its own y_hat, as without it. A learning rate too small for the
 stream leaves y_hat's parts too timid and the gains grow; features that carry only noise shrink
-them, and the offset then holds the report near the base rate. This is what makes one default
+them, and the offset then holds the report near the base rate; ``c_0`` discounts the
+intercept's wandering (its AdaGrad steps shrink only as 1/sqrt(n)). This is what makes one default
 serve streams whose best learning rates differ several-fold (``benchmarks/bench_quality.py``).
-Its state (three numbers and a 3x3 curvature) depends on the order of samples: a cluster must
+Its state (four numbers and a 4x4 curvature) depends on the order of samples: a cluster must
 treat it as one dense coordinate.
 
 Every gradient component is clipped to +-``clip_gradient`` and a step that would leave a
@@ -42,10 +43,10 @@ import numba as nb
 import numpy as np
 
 from stream_fm._kernels import (
+    B_GAIN0,
     B_H,
-    B_LIN,
-    B_OFF,
-    B_PAIR,
+    B_W0,
+    CAL_SIZE,
     _gather,
     _parts,
     _parts_old,
@@ -98,42 +99,51 @@ def _all_finite(a, n):
 
 
 @nb.njit(cache=True, error_model="numpy", inline="always")
-def _calibration_step(bias, lin, pair, p, y, new):
-    """One Newton step of the calibration on the sample just reported: ``new`` receives the
-    gains, the offset and the curvature after it (``bias[B_LIN:]``'s layout).
+def _calibration_step(bias, lin, pair, p, y, new, x, H, L):
+    """One Newton step of the calibration on the sample just reported: ``new`` receives the four
+    numbers and the curvature after it (``bias[B_GAIN0:]``'s layout). ``x``, ``H``, ``L``: scratch.
 
-    The calibration is a logistic regression on x = (lin, pair, 1) with offset w0, fitted online
-    under a Gaussian prior: H += p (1 - p) x x^T (its curvature at this sample), then
-    theta -= H^-1 (p - y) x. Three numbers, solved in closed form (H is symmetric, positive
-    definite: it starts at CAL_PRIOR times the identity).
+    The calibration is a logistic regression on x = (w0, lin, pair, 1), fitted online under a
+    Gaussian prior: H += p (1 - p) x x^T (its curvature at this sample), then
+    theta -= H^-1 (p - y) x, solved by Cholesky (H is symmetric positive definite: it starts at
+    the prior's diagonal and only ever gains positive semi-definite terms).
     """
+    n = CAL_SIZE
+    x[0] = bias[B_W0]
+    x[1] = lin
+    x[2] = pair
+    x[3] = 1.0
     g = p - y
     c = p * (1.0 - p)
-    h00 = bias[B_H] + c * lin * lin
-    h01 = bias[B_H + 1] + c * lin * pair
-    h02 = bias[B_H + 2] + c * lin
-    h11 = bias[B_H + 3] + c * pair * pair
-    h12 = bias[B_H + 4] + c * pair
-    h22 = bias[B_H + 5] + c
-    # the inverse by cofactors (symmetric)
-    i00 = h11 * h22 - h12 * h12
-    i01 = h02 * h12 - h01 * h22
-    i02 = h01 * h12 - h02 * h11
-    i11 = h00 * h22 - h02 * h02
-    i12 = h01 * h02 - h00 * h12
-    i22 = h00 * h11 - h01 * h01
-    det = h00 * i00 + h01 * i01 + h02 * i02
-    g0 = g * lin
-    g1 = g * pair
-    new[0] = bias[B_LIN] - (i00 * g0 + i01 * g1 + i02 * g) / det
-    new[1] = bias[B_PAIR] - (i01 * g0 + i11 * g1 + i12 * g) / det
-    new[2] = bias[B_OFF] - (i02 * g0 + i12 * g1 + i22 * g) / det
-    new[3] = h00
-    new[4] = h01
-    new[5] = h02
-    new[6] = h11
-    new[7] = h12
-    new[8] = h22
+    at = B_H
+    for i in range(n):
+        for j in range(i, n):
+            h = bias[at] + c * x[i] * x[j]
+            H[i, j] = h
+            H[j, i] = h
+            new[n + at - B_H] = h
+            at += 1
+    for i in range(n):  # H = L L^T
+        for j in range(i + 1):
+            acc = H[i, j]
+            for q in range(j):
+                acc -= L[i, q] * L[j, q]
+            if i == j:
+                L[i, i] = math.sqrt(acc) if acc > 0.0 else math.nan
+            else:
+                L[i, j] = acc / L[j, j]
+    for i in range(n):  # L z = g x
+        acc = g * x[i]
+        for q in range(i):
+            acc -= L[i, q] * new[q]
+        new[i] = acc / L[i, i]
+    for i in range(n - 1, -1, -1):  # L^T step = z
+        acc = new[i]
+        for q in range(i + 1, n):
+            acc -= L[q, i] * new[q]
+        new[i] = acc / L[i, i]
+    for i in range(n):
+        new[i] = bias[B_GAIN0 + i] - new[i]
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -162,7 +172,11 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
     adagrad = opt == OPT_ADAGRAD
     normalized = opt == OPT_NORMALIZED
     calibrate = hp[HP_CALIBRATE] != 0.0
-    cal = np.empty(9, np.float64)  # the calibration after the sample (bias[B_LIN:])
+    cal_n = CAL_SIZE + CAL_SIZE * (CAL_SIZE + 1) // 2
+    cal = np.empty(cal_n, np.float64)  # the calibration after the sample (bias[B_GAIN0:])
+    cal_x = np.empty(CAL_SIZE, np.float64)
+    cal_h = np.empty((CAL_SIZE, CAL_SIZE), np.float64)
+    cal_l = np.zeros((CAL_SIZE, CAL_SIZE), np.float64)
     width, cr, cx, cnew = _scratch(offsets)
     new_w = np.empty(width, np.float64)
     new_gw = np.empty(width, np.float64)
@@ -286,8 +300,8 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
         if normalized:
             finite = finite and math.isfinite(new_tot)
         if calibrate:
-            _calibration_step(bias, lin, pair, p, labels[s], cal)
-            finite = finite and _all_finite(cal, 9)
+            _calibration_step(bias, lin, pair, p, labels[s], cal, cal_x, cal_h, cal_l)
+            finite = finite and _all_finite(cal, cal_n)
         if not finite:
             counts[0] += 1
             continue
@@ -298,8 +312,8 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
         if normalized:
             bias[2] = new_tot
         if calibrate:
-            for i in range(9):
-                bias[B_LIN + i] = cal[i]
+            for i in range(cal_n):
+                bias[B_GAIN0 + i] = cal[i]
         for j in range(m):
             r = cr[j]
             if cnew[j]:

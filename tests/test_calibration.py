@@ -10,7 +10,7 @@ import pytest
 from helpers import assert_batch_equals_loop, state_equal
 
 from stream_fm import ConfigError, SparseFM
-from stream_fm._kernels import B_H, B_LIN, B_NORMS, B_OFF, B_PAIR, CAL_PRIOR
+from stream_fm._kernels import B_GAIN0, B_H, B_LIN, B_NORMS, B_OFF, B_PAIR, CAL_PRIOR
 
 
 def _ids_stream(n: int, seed: int, signal: float, ctr: float, fields: int = 4, values: int = 40):
@@ -42,15 +42,15 @@ class _Reference:
     """The calibration written out with numpy: a Gaussian prior, one Newton step per sample."""
 
     def __init__(self) -> None:
-        self.theta = np.array([1.0, 1.0, 0.0])
-        self.H = CAL_PRIOR * np.eye(3)
+        self.theta = np.array([1.0, 1.0, 1.0, 0.0])
+        self.H = np.diag(CAL_PRIOR)
 
     def report(self, w0: float, lin: float, pair: float) -> float:
-        z = w0 + self.theta @ [lin, pair, 0.0] + self.theta[2]
+        z = self.theta @ [w0, lin, pair, 1.0]
         return 1.0 / (1.0 + math.exp(-z))
 
-    def learn(self, lin: float, pair: float, p: float, y: bool) -> None:
-        x = np.array([lin, pair, 1.0])
+    def learn(self, w0: float, lin: float, pair: float, p: float, y: bool) -> None:
+        x = np.array([w0, lin, pair, 1.0])
         self.H += p * (1 - p) * np.outer(x, x)
         self.theta -= np.linalg.solve(self.H, (p - float(y)) * x)
 
@@ -68,15 +68,15 @@ def test_reports_are_the_calibrated_score_of_the_model_before_each_sample():
         lin, pair = _parts(plain, x)
         p = ref.report(plain.w0, lin, pair)
         expected.append(p)
-        ref.learn(lin, pair, p, y)
+        ref.learn(plain.w0, lin, pair, p, y)
         plain.learn_one(x, y)
     calibrated = SparseFM(seed=4)
     got = _learn(calibrated, stream)
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=0)
     bias = calibrated._bias
-    np.testing.assert_allclose(bias[[B_LIN, B_PAIR, B_OFF]], ref.theta, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(bias[B_H : B_H + 6], ref.H[np.triu_indices(3)], rtol=1e-12)
-    assert not np.allclose(ref.theta, [1.0, 1.0, 0.0], atol=0.05)  # it did move
+    np.testing.assert_allclose(bias[[B_GAIN0, B_LIN, B_PAIR, B_OFF]], ref.theta, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(bias[B_H:], ref.H[np.triu_indices(4)], rtol=1e-12)
+    assert not np.allclose(ref.theta, [1.0, 1.0, 1.0, 0.0], atol=0.05)  # it did move
 
 
 def test_calibration_does_not_change_what_the_model_learns():
@@ -102,7 +102,7 @@ def test_without_calibration_a_report_is_sigma_of_y_hat_and_the_state_stays_the_
         lin, pair = _parts(model, x)
         want.append(1.0 / (1.0 + math.exp(-(model.w0 + lin + pair))))
     np.testing.assert_allclose(model.predict_proba_batch(probe), want, rtol=1e-12)
-    assert model._bias[B_LIN] == model._bias[B_PAIR] == 1.0 and model._bias[B_OFF] == 0.0
+    assert model.calibration == (1.0, 1.0, 1.0, 0.0)
     assert SparseFM(optimizer="adagrad").calibrate is False and SparseFM().calibrate is True
 
 

@@ -123,8 +123,9 @@ def test_values_agree_with_what_the_worker_did(fed_worker):
     assert value("stream_fm_samples_trained_total", {"label": "1"}) == 10
     assert value("stream_fm_samples_trained_total", {"label": "0"}) == 30
     assert value("stream_fm_model_features") == worker.model.n_features == 3
-    gains = [value("stream_fm_model_calibration", {"part": p}) for p in ("linear", "pairwise", "offset")]
-    assert gains == list(worker.model.calibration) and gains != [1.0, 1.0, 0.0]  # it learned
+    parts = ("intercept", "linear", "pairwise", "offset")
+    gains = [value("stream_fm_model_calibration", {"part": p}) for p in parts]
+    assert gains == list(worker.model.calibration) and gains != [1.0, 1.0, 1.0, 0.0]  # it learned
     assert value("stream_fm_join_pending") == 1
     assert value("stream_fm_consumer_offset", {"topic": "file", "partition": "0"}) == 54  # lines
     assert value("stream_fm_ctr") == pytest.approx(0.25)

@@ -11,7 +11,7 @@ import pytest
 from helpers import categorical_stream, state_equal
 from river import facto, linear_model, metrics, optim
 
-from stream_fm import ConfigError, FeatureError, LabelError, SparseFM, _kernels, fastpath
+from stream_fm import ConfigError, FeatureError, LabelError, SparseFM, fastpath
 
 # ---------------------------------------------------------------- helpers: a plain FM, written out
 
@@ -62,14 +62,14 @@ def test_predictions_equal_the_quadratic_formula(calibrate):
     model = SparseFM(n_factors=5, init_std=0.3, seed=3, calibrate=calibrate)
     for x, y in stream[:200]:
         model.learn_one(x, y)
-    c_lin, c_pair, c_off = model._bias[[_kernels.B_LIN, _kernels.B_PAIR, _kernels.B_OFF]]
-    assert (c_lin, c_pair, c_off) == (1.0, 1.0, 0.0) or calibrate
+    c_0, c_lin, c_pair, c_off = model.calibration
+    assert (c_0, c_lin, c_pair, c_off) == (1.0, 1.0, 1.0, 0.0) or calibrate
     rng = np.random.default_rng(7)
     for x, _ in stream[200:]:
         x = dict(x, unseen_feature=float(rng.normal()))  # unseen: contributes nothing
         p = model.predict_proba_one(x)[True]
         lin, pair = naive_parts(model, x)
-        raw = model.w0 + c_lin * lin + c_pair * pair + c_off
+        raw = c_0 * model.w0 + c_lin * lin + c_pair * pair + c_off
         assert p == pytest.approx(1 / (1 + math.exp(-raw)), abs=1e-12)
         assert math.log(p / (1 - p)) == pytest.approx(raw, abs=1e-9)
 
