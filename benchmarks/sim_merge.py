@@ -45,7 +45,7 @@ from bench_quality import log_loss
 from common import machine, print_table
 
 from stream_fm import SparseFM
-from stream_fm._kernels import B_ACC, B_GAIN0, B_H, B_NORMS, B_W0, CAL_SIZE
+from stream_fm._kernels import B_ACC, B_GAIN0, B_NORMS, B_P, B_W0, CAL_SIZE
 from stream_fm.keyindex import decode_keys, encode_keys
 
 RULES = ("sum", "mean", "sqrt", "adagrad", "rescaled")
@@ -182,25 +182,24 @@ def merge(base: Base, deltas: list[tuple[list[str], dict[str, np.ndarray]]], rul
         grown = biases[:, B_ACC] - old[B_ACC]
         scale = np.sqrt((old[B_ACC] + acc0 + grown) / (old[B_ACC] + acc0 + grown.sum()))
         a["bias"][B_W0] = old[B_W0] + scale @ (biases[:, B_W0] - old[B_W0])
-        a["bias"][B_GAIN0:B_H] = _fused(old, biases)
-        upper = old[B_H:] + (biases[:, B_H:] - old[B_H:]).sum(axis=0)
-        a["bias"][B_H:] = upper
+        a["bias"][B_GAIN0:] = _fused(old, biases)
 
 
 def _fused(old: np.ndarray, biases: np.ndarray) -> np.ndarray:
-    """The calibration's numbers after the round: the partitions' moves fused by their curvatures
-    (each H_p = the base's curvature plus what partition p added)."""
+    """The calibration after the round (its numbers, then its inverse curvature): the partitions'
+    moves fused by their curvatures (each H_p = the base's curvature plus what partition p added)."""
     iu = np.triu_indices(CAL_SIZE)
 
-    def full(upper: np.ndarray) -> np.ndarray:
-        h = np.zeros((CAL_SIZE, CAL_SIZE))
-        h[iu] = upper
-        return h + np.triu(h, 1).T
+    def curvature(b: np.ndarray) -> np.ndarray:
+        p = np.zeros((CAL_SIZE, CAL_SIZE))
+        p[iu] = b[B_P:]
+        return np.linalg.inv(p + np.triu(p, 1).T)
 
-    theta0 = old[B_GAIN0:B_H]
-    h_new = full(old[B_H:] + (biases[:, B_H:] - old[B_H:]).sum(axis=0))
-    rhs = sum(full(b[B_H:]) @ (b[B_GAIN0:B_H] - theta0) for b in biases)
-    return theta0 + np.linalg.solve(h_new, rhs)
+    theta0, h0 = old[B_GAIN0:B_P], curvature(old)
+    hs = [curvature(b) for b in biases]
+    h_new = h0 + sum(h - h0 for h in hs)
+    rhs = sum(h @ (b[B_GAIN0:B_P] - theta0) for h, b in zip(hs, biases, strict=True))
+    return np.concatenate([theta0 + np.linalg.solve(h_new, rhs), np.linalg.inv(h_new)[iu]])
 
 
 def cluster(stream: list, partitions: int, round_records: int, rule: str) -> np.ndarray:

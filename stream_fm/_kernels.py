@@ -44,14 +44,14 @@ __all__ = [
 
 # The model's dense state, one float64 array (``bias``): the intercept w0 and its accumulator; the
 # normalized optimizer's sum of the samples' squared norms; the calibration's gains on w0, on the
-# linear and on the pairwise part, its offset, and its curvature (a symmetric 4x4, stored as its
-# upper triangle row by row: 00 01 02 03 11 12 13 22 23 33).
-B_W0, B_ACC, B_NORMS, B_GAIN0, B_LIN, B_PAIR, B_OFF, B_H = 0, 1, 2, 3, 4, 5, 6, 7
+# linear and on the pairwise part, its offset, and the inverse of its curvature (a symmetric 4x4,
+# stored as its upper triangle row by row: 00 01 02 03 11 12 13 22 23 33).
+B_W0, B_ACC, B_NORMS, B_GAIN0, B_LIN, B_PAIR, B_OFF, B_P = 0, 1, 2, 3, 4, 5, 6, 7
 CAL_SIZE = 4
-BIAS_SIZE = B_H + CAL_SIZE * (CAL_SIZE + 1) // 2
-# The calibration's prior: centred on the identity, variance 1 for the parts' gains and the offset,
-# 1/100 for w0's gain (the intercept is already learned for the base rate; its gain only discounts
-# the intercept's wandering, slowly).
+BIAS_SIZE = B_P + CAL_SIZE * (CAL_SIZE + 1) // 2
+# The calibration's prior: centred on the identity, precision 1 for the parts' gains and the
+# offset, 100 for w0's gain (the intercept is already learned for the base rate; its gain only
+# discounts the intercept's wandering, slowly).
 CAL_PRIOR = (100.0, 1.0, 1.0, 1.0)
 
 
@@ -60,8 +60,8 @@ def fresh_bias(old: np.ndarray | None = None) -> np.ndarray:
     prior. ``old``: a shorter state of an earlier format, copied into the front."""
     bias = np.zeros(BIAS_SIZE)
     bias[B_GAIN0] = bias[B_LIN] = bias[B_PAIR] = 1.0
-    diagonal = [B_H + i * CAL_SIZE - i * (i - 1) // 2 for i in range(CAL_SIZE)]
-    bias[diagonal] = CAL_PRIOR
+    diagonal = [B_P + i * CAL_SIZE - i * (i - 1) // 2 for i in range(CAL_SIZE)]
+    bias[diagonal] = 1.0 / np.array(CAL_PRIOR)
     if old is not None:
         bias[: len(old)] = old
     return bias

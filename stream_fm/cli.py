@@ -346,7 +346,7 @@ def _summary(snap, top: int) -> None:
         keys = [f"<bucket {r}>" for r in range(len(a["w"]))]
     bias = upgrade_bias(a["bias"], m["model"]["state_format"])
     print(f"  w0            {bias[_kernels.B_W0]:+.6f}")
-    gains = bias[_kernels.B_GAIN0 : _kernels.B_H]
+    gains = bias[_kernels.B_GAIN0 : _kernels.B_P]
     print("  calibration   w0 x{:.4f}  linear x{:.4f}  pairwise x{:.4f}  offset {:+.4f}".format(*gains))
     for title, score in (
         ("|w|", np.abs(np.asarray(a["w"]))),

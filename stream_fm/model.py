@@ -251,7 +251,7 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
         """(c_0, c_lin, c_pair, c_off): the gains on the intercept and on y_hat's linear and
         pairwise parts, and the offset, that reports go through; (1, 1, 1, 0) without
         ``calibrate``."""
-        return tuple(float(v) for v in self._bias[_kernels.B_GAIN0 : _kernels.B_H])
+        return tuple(float(v) for v in self._bias[_kernels.B_GAIN0 : _kernels.B_P])
 
     @property
     def memory_bytes(self) -> int:

@@ -28,7 +28,7 @@ stream leaves y_hat's parts too timid and the gains grow; features that carry on
 them, and the offset then holds the report near the base rate; ``c_0`` discounts the
 intercept's wandering (its AdaGrad steps shrink only as 1/sqrt(n)). This is what makes one default
 serve streams whose best learning rates differ several-fold (``benchmarks/bench_quality.py``).
-Its state (four numbers and a 4x4 curvature) depends on the order of samples: a cluster must
+Its state (four numbers and a 4x4 inverse curvature) depends on the order of samples: a cluster must
 treat it as one dense coordinate.
 
 Every gradient component is clipped to +-``clip_gradient`` and a step that would leave a
@@ -44,7 +44,7 @@ import numpy as np
 
 from stream_fm._kernels import (
     B_GAIN0,
-    B_H,
+    B_P,
     B_W0,
     CAL_SIZE,
     _gather,
@@ -99,51 +99,40 @@ def _all_finite(a, n):
 
 
 @nb.njit(cache=True, error_model="numpy", inline="always")
-def _calibration_step(bias, lin, pair, p, y, new, x, H, L):
+def _calibration_step(bias, lin, pair, p, y, new, x, u):
     """One Newton step of the calibration on the sample just reported: ``new`` receives the four
-    numbers and the curvature after it (``bias[B_GAIN0:]``'s layout). ``x``, ``H``, ``L``: scratch.
+    numbers and the inverse curvature after it (``bias[B_GAIN0:]``'s layout). ``x``, ``u``: scratch.
 
     The calibration is a logistic regression on x = (w0, lin, pair, 1), fitted online under a
-    Gaussian prior: H += p (1 - p) x x^T (its curvature at this sample), then
-    theta -= H^-1 (p - y) x, solved by Cholesky (H is symmetric positive definite: it starts at
-    the prior's diagonal and only ever gains positive semi-definite terms).
+    Gaussian prior: the curvature H gains p (1 - p) x x^T at this sample, and
+    theta -= H^-1 (p - y) x. H^-1 is kept and updated by Sherman-Morrison (recursive least
+    squares): with u = H^-1 x and d = 1 + p (1 - p) x.u, the new H^-1 is H^-1 - p (1 - p) u u^T / d
+    and the step is (p - y) u / d. No solve, no square root: about fifty multiplications.
     """
     n = CAL_SIZE
     x[0] = bias[B_W0]
     x[1] = lin
     x[2] = pair
     x[3] = 1.0
-    g = p - y
     c = p * (1.0 - p)
-    at = B_H
+    for i in range(n):  # u = P x, P symmetric, its upper triangle row by row
+        acc = 0.0
+        for j in range(n):
+            lo, hi = (i, j) if i <= j else (j, i)
+            acc += bias[B_P + lo * n - lo * (lo - 1) // 2 + hi - lo] * x[j]
+        u[i] = acc
+    xu = 0.0
     for i in range(n):
+        xu += x[i] * u[i]
+    d = 1.0 + c * xu
+    step = (p - y) / d
+    shrink = c / d
+    at = n
+    for i in range(n):
+        new[i] = bias[B_GAIN0 + i] - step * u[i]
         for j in range(i, n):
-            h = bias[at] + c * x[i] * x[j]
-            H[i, j] = h
-            H[j, i] = h
-            new[n + at - B_H] = h
+            new[at] = bias[B_P + at - n] - shrink * u[i] * u[j]
             at += 1
-    for i in range(n):  # H = L L^T
-        for j in range(i + 1):
-            acc = H[i, j]
-            for q in range(j):
-                acc -= L[i, q] * L[j, q]
-            if i == j:
-                L[i, i] = math.sqrt(acc) if acc > 0.0 else math.nan
-            else:
-                L[i, j] = acc / L[j, j]
-    for i in range(n):  # L z = g x
-        acc = g * x[i]
-        for q in range(i):
-            acc -= L[i, q] * new[q]
-        new[i] = acc / L[i, i]
-    for i in range(n - 1, -1, -1):  # L^T step = z
-        acc = new[i]
-        for q in range(i + 1, n):
-            acc -= L[q, i] * new[q]
-        new[i] = acc / L[i, i]
-    for i in range(n):
-        new[i] = bias[B_GAIN0 + i] - new[i]
 
 
 @nb.njit(cache=True, error_model="numpy")
@@ -175,8 +164,7 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
     cal_n = CAL_SIZE + CAL_SIZE * (CAL_SIZE + 1) // 2
     cal = np.empty(cal_n, np.float64)  # the calibration after the sample (bias[B_GAIN0:])
     cal_x = np.empty(CAL_SIZE, np.float64)
-    cal_h = np.empty((CAL_SIZE, CAL_SIZE), np.float64)
-    cal_l = np.zeros((CAL_SIZE, CAL_SIZE), np.float64)
+    cal_u = np.empty(CAL_SIZE, np.float64)
     width, cr, cx, cnew = _scratch(offsets)
     new_w = np.empty(width, np.float64)
     new_gw = np.empty(width, np.float64)
@@ -300,7 +288,7 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
         if normalized:
             finite = finite and math.isfinite(new_tot)
         if calibrate:
-            _calibration_step(bias, lin, pair, p, labels[s], cal, cal_x, cal_h, cal_l)
+            _calibration_step(bias, lin, pair, p, labels[s], cal, cal_x, cal_u)
             finite = finite and _all_finite(cal, cal_n)
         if not finite:
             counts[0] += 1
