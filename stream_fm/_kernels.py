@@ -55,12 +55,20 @@ BIAS_SIZE = B_P + CAL_SIZE * (CAL_SIZE + 1) // 2
 CAL_PRIOR = (100.0, 1.0, 1.0, 1.0)
 
 
+@nb.njit(cache=True, inline="always")
+def packed(i, j):
+    """Where entry (i, j) of the calibration's symmetric 4x4 sits in its upper triangle, stored
+    row by row (00 01 02 03 11 12 13 22 23 33)."""
+    lo, hi = (i, j) if i <= j else (j, i)
+    return lo * CAL_SIZE - lo * (lo - 1) // 2 + hi - lo
+
+
 def fresh_bias(old: np.ndarray | None = None) -> np.ndarray:
     """A new model's dense state: w0 = 0, calibration the identity (gains 1, offset 0) under its
     prior. ``old``: a shorter state of an earlier format, copied into the front."""
     bias = np.zeros(BIAS_SIZE)
     bias[B_GAIN0] = bias[B_LIN] = bias[B_PAIR] = 1.0
-    diagonal = [B_P + i * CAL_SIZE - i * (i - 1) // 2 for i in range(CAL_SIZE)]
+    diagonal = [B_P + packed(i, i) for i in range(CAL_SIZE)]
     bias[diagonal] = 1.0 / np.array(CAL_PRIOR)
     if old is not None:
         bias[: len(old)] = old

@@ -46,6 +46,7 @@ from stream_fm._kernels import (
     B_GAIN0,
     B_P,
     B_W0,
+    BIAS_SIZE,
     CAL_SIZE,
     _gather,
     _parts,
@@ -53,6 +54,7 @@ from stream_fm._kernels import (
     _proba,
     _score,
     _scratch,
+    packed,
 )
 
 __all__ = ["HP_SIZE", "OPTIMIZERS", "OPT_ADAGRAD", "OPT_NORMALIZED", "OPT_SGD", "extra_columns", "learn"]
@@ -118,8 +120,7 @@ def _calibration_step(bias, lin, pair, p, y, new, x, u):
     for i in range(n):  # u = P x, P symmetric, its upper triangle row by row
         acc = 0.0
         for j in range(n):
-            lo, hi = (i, j) if i <= j else (j, i)
-            acc += bias[B_P + lo * n - lo * (lo - 1) // 2 + hi - lo] * x[j]
+            acc += bias[B_P + packed(i, j)] * x[j]
         u[i] = acc
     xu = 0.0
     for i in range(n):
@@ -161,7 +162,7 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
     adagrad = opt == OPT_ADAGRAD
     normalized = opt == OPT_NORMALIZED
     calibrate = hp[HP_CALIBRATE] != 0.0
-    cal_n = CAL_SIZE + CAL_SIZE * (CAL_SIZE + 1) // 2
+    cal_n = BIAS_SIZE - B_GAIN0
     cal = np.empty(cal_n, np.float64)  # the calibration after the sample (bias[B_GAIN0:])
     cal_x = np.empty(CAL_SIZE, np.float64)
     cal_u = np.empty(CAL_SIZE, np.float64)
