@@ -14,9 +14,10 @@ and the logistic loss L = -ln sigma(y y_hat), y in {-1, +1}, is *descended*:
 theta <- theta - lr * dL/dtheta with dL/dy_hat = -y (1 - sigma(y y_hat)).
 
 What a prediction reports is the *calibrated* score
-``c_0 * w0 + (c_lin * lin + c_pair * pair) + c_off`` where ``lin`` and ``pair`` are the linear and
+``c_0 * w0_r + (c_lin * lin + c_pair * pair) + c_off`` where ``lin`` and ``pair`` are the linear and
 pairwise sums above: four numbers learned on top of the model (see :mod:`stream_fm.updates`); they
-are 1, 1, 1 and 0 (the plain y_hat, bit for bit) when calibration is off.
+are 1, 1, 1 and 0 (the plain y_hat, bit for bit) when calibration is off. ``w0_r`` is w0, or its
+running average over the samples learned (``average_intercept``).
 
 A row whose ``last`` stamp is -1 has never been trained ("untouched"): it is invisible to
 prediction, and while learning the prediction reported for a sample excludes such rows, so that
@@ -45,10 +46,13 @@ __all__ = [
 # The model's dense state, one float64 array (``bias``): the intercept w0 and its accumulator; the
 # normalized optimizer's sum of the samples' squared norms; the calibration's gains on w0, on the
 # linear and on the pairwise part, its offset, and the inverse of its curvature (a symmetric 4x4,
-# stored as its upper triangle row by row: 00 01 02 03 11 12 13 22 23 33).
+# stored as its upper triangle row by row: 00 01 02 03 11 12 13 22 23 33); the intercept reported.
 B_W0, B_ACC, B_NORMS, B_GAIN0, B_LIN, B_PAIR, B_OFF, B_P = 0, 1, 2, 3, 4, 5, 6, 7
 CAL_SIZE = 4
-BIAS_SIZE = B_P + CAL_SIZE * (CAL_SIZE + 1) // 2
+# then the intercept the report reads: the running average of w0 over the samples learned
+# (``average_intercept``), or w0 itself
+B_W0_REPORT = B_P + CAL_SIZE * (CAL_SIZE + 1) // 2
+BIAS_SIZE = B_W0_REPORT + 1
 # The calibration's prior: centred on the identity, precision 1 for the parts' gains and the
 # offset, 100 for w0's gain (the intercept is already learned for the base rate; its gain only
 # discounts the intercept's wandering, slowly).
@@ -65,13 +69,16 @@ def packed(i, j):
 
 def fresh_bias(old: np.ndarray | None = None) -> np.ndarray:
     """A new model's dense state: w0 = 0, calibration the identity (gains 1, offset 0) under its
-    prior. ``old``: a shorter state of an earlier format, copied into the front."""
+    prior. ``old``: a shorter state of an earlier format, copied into the front (its reported
+    intercept is its w0)."""
     bias = np.zeros(BIAS_SIZE)
     bias[B_GAIN0] = bias[B_LIN] = bias[B_PAIR] = 1.0
     diagonal = [B_P + packed(i, i) for i in range(CAL_SIZE)]
     bias[diagonal] = 1.0 / np.array(CAL_PRIOR)
     if old is not None:
         bias[: len(old)] = old
+        if len(old) <= B_W0_REPORT:
+            bias[B_W0_REPORT] = bias[B_W0]
     return bias
 
 
@@ -232,7 +239,7 @@ def _gather(rows, vals, a, b, last, learning, out_r, out_x, out_new):
 @nb.njit(cache=True, error_model="numpy", inline="always")
 def _score(bias, lin, pair):
     """The calibrated score of a sample whose linear and pairwise sums are ``lin``, ``pair``."""
-    return bias[B_GAIN0] * bias[B_W0] + (bias[B_LIN] * lin + bias[B_PAIR] * pair) + bias[B_OFF]
+    return bias[B_GAIN0] * bias[B_W0_REPORT] + (bias[B_LIN] * lin + bias[B_PAIR] * pair) + bias[B_OFF]
 
 
 @nb.njit(cache=True, error_model="numpy", inline="always")

@@ -10,7 +10,7 @@ import numpy as np
 
 from stream_fm.errors import ConfigError, LabelError
 
-__all__ = ["check_float", "check_int", "label", "labels"]
+__all__ = ["check_float", "check_int", "check_switch", "label", "labels"]
 
 
 def label(y: Any) -> float:
@@ -34,6 +34,15 @@ def check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
     if value < lo or (hi is not None and value > hi):
         raise ConfigError(name, value, f"an integer >= {lo}" + (f" and <= {hi}" if hi else ""))
     return int(value)
+
+
+def check_switch(name: str, value: Any, default: bool, when: str) -> bool:
+    """A bool setting whose None means ``default`` (``when`` says when that is on)."""
+    if value is None:
+        return default
+    if not isinstance(value, (bool, np.bool_)):
+        raise ConfigError(name, value, f"true, false or None ({when})")
+    return bool(value)
 
 
 def check_float(name: str, value: Any, positive: bool = False) -> float:

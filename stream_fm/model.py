@@ -69,6 +69,15 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
         Report ``sigma(c_0 * w0 + c_lin * linear part + c_pair * pairwise part + c_off)``, the
         four numbers fitted online to the reports (see :mod:`stream_fm.updates`). None: on with
         ``"normalized"``, off with the others (whose reports are then the textbook sigma(y_hat)).
+    center
+        The normalized optimizer learns a numeric feature's weight as if the feature were centred
+        on its running mean (the intercept takes the other side of each step): a number far from
+        0 (an age, a price) no longer drags the intercept with it. Indicators are left as they
+        are. None: on with ``"normalized"``.
+    average_intercept
+        Report with the running average of w0 over the samples learned instead of w0 itself
+        (Polyak averaging): the intercept's steps, large next to a rare click, no longer move
+        every report. None: on with ``calibrate``.
     l2_w, l2_v
         L2 penalties on the linear weights and on the latent vectors, >= 0, applied (lazily) to
         the rows a sample touches.
@@ -129,6 +138,8 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
         factor_learning_rate: float | None = None,
         initial_accumulator: float = 0.5,
         calibrate: bool | None = None,
+        center: bool | None = None,
+        average_intercept: bool | None = None,
         l2_w: float = 0.0,
         l2_v: float = 1e-4,
         init_std: float = 0.02,
@@ -155,11 +166,12 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
             "factor_learning_rate", factor_learning_rate, positive=True
         )
         self.initial_accumulator = checks.check_float("initial_accumulator", initial_accumulator)
-        if calibrate is None:
-            calibrate = optimizer == "normalized"
-        if not isinstance(calibrate, (bool, np.bool_)):
-            raise ConfigError("calibrate", calibrate, "true, false or None (on with normalized)")
-        self.calibrate = bool(calibrate)
+        normalized = optimizer == "normalized"
+        self.calibrate = checks.check_switch("calibrate", calibrate, normalized, "on with normalized")
+        self.center = checks.check_switch("center", center, normalized, "on with normalized")
+        self.average_intercept = checks.check_switch(
+            "average_intercept", average_intercept, self.calibrate, "on with calibrate"
+        )
         self.l2_w = checks.check_float("l2_w", l2_w)
         self.l2_v = checks.check_float("l2_v", l2_v)
         self.init_std = checks.check_float("init_std", init_std)
@@ -181,7 +193,7 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
         self._opt = updates.OPTIMIZERS[optimizer]
         hp = [self.learning_rate, self.l2_w, self.l2_v, self.clip_gradient, _ADAGRAD_EPS, self.init_std,
               self.bias_learning_rate, self.initial_accumulator, self.factor_learning_rate,
-              float(self.calibrate)]  # fmt: skip
+              float(self.calibrate), float(self.center), float(self.average_intercept)]  # fmt: skip
         self._hp = np.array(hp)  # updates.HP_*
         self._seed64 = np.uint64(self.seed)
         self._hashing = fastpath.hashing(self.seed, self.hash_bits)
@@ -381,21 +393,8 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
         yield {"seed": 42}
 
 
-_PARAMS = (
-    "n_factors",
-    "optimizer",
-    "learning_rate",
-    "bias_learning_rate",
-    "factor_learning_rate",
-    "initial_accumulator",
-    "calibrate",
-    "l2_w",
-    "l2_v",
-    "init_std",
-    "clip_gradient",
-    "max_features",
-    "min_count",
-    "admission_capacity",
-    "hash_bits",
-    "seed",
-)
+# the constructor's arguments, in its order
+_PARAMS = ("n_factors", "optimizer", "learning_rate", "bias_learning_rate", "factor_learning_rate",
+           "initial_accumulator", "calibrate", "center", "average_intercept", "l2_w", "l2_v",
+           "init_std", "clip_gradient", "max_features", "min_count", "admission_capacity",
+           "hash_bits", "seed")  # fmt: skip

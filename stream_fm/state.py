@@ -17,15 +17,18 @@ from stream_fm.keyindex import KeyIndex, decode_keys, encode_keys, gather_keys
 
 __all__ = ["STATE_FORMAT", "StateCapture", "StateIO", "upgrade_bias"]
 
-STATE_FORMAT = 3
+STATE_FORMAT = 4
 # Earlier formats are read and migrated: their dense state ("bias") is shorter, and gets the rest
 # of today's from a new model's (``_kernels.fresh_bias``):
 # 1: before the normalized optimizer (bias [w0, accumulator]; the sum of sample norms 0: format 1
 #    models are adagrad or sgd, which ignore it);
 # 2: before calibration (bias [w0, accumulator, sum of norms]; the calibration is the identity,
-#    and the model is made with ``calibrate=False``: it predicts and learns on exactly as before).
-READABLE_FORMATS = (1, 2, 3)
-_BIAS_LENGTHS = {1: 2, 2: 3, 3: _kernels.BIAS_SIZE}
+#    and the model is made with ``calibrate=False``: it predicts and learns on exactly as before);
+# 3: before centring and the averaged intercept (the reported intercept is w0, a normalized row
+#    has one column after its factor accumulators, and the model is made with ``center=False``
+#    and ``average_intercept=False``: it predicts and learns on exactly as before).
+READABLE_FORMATS = (1, 2, 3, 4)
+_BIAS_LENGTHS = {1: 2, 2: 3, 3: _kernels.B_W0_REPORT, 4: _kernels.BIAS_SIZE}
 
 
 def upgrade_bias(bias: np.ndarray, version: int) -> np.ndarray:
@@ -121,11 +124,20 @@ class StateIO:
         config = dict(meta["config"])
         if version < 3:  # made before calibration: it stays the model it was
             config.setdefault("calibrate", False)
+        if version < 4:  # made before centring and the averaged intercept: likewise
+            config.setdefault("center", False)
+            config.setdefault("average_intercept", False)
         model = cls(**config)
         n = int(meta["n_rows"])
         k = model.n_factors
         if "bias" in arrays:
             arrays = {**arrays, "bias": upgrade_bias(arrays["bias"], version)}
+        width = model._gV.shape[1]
+        if version < 4 and width > k + 1 and "gV" in arrays and arrays["gV"].shape == (n, k + 1):
+            # a normalized row had one column after its accumulators (N); the new ones start at 0
+            gV = np.zeros((n, width))
+            gV[:, : k + 1] = arrays["gV"]
+            arrays = {**arrays, "gV": gV}
         expect = {"bias": (model._bias.shape[0],), "w": (n,), "V": (n, k), "last": (n,)}
         if model._gw.shape[0]:
             expect.update(gw=(n,), gV=(n, model._gV.shape[1]))

@@ -12,9 +12,15 @@ Three optimizers, chosen per model (``SparseFM(optimizer=...)``):
   ``initial_accumulator``, so that a feature's first steps are measured, and the bias has a rate
   of its own (``bias_learning_rate``): it tracks the base rate, which matters most when clicks
   are rare. The latent vectors have theirs too (``factor_learning_rate``), smaller than the
-  linear weights': interactions are learned from pairs, which are seen more rarely. All of its
-  state is per-coordinate sums (accumulators, the samples' norms) or maxima (``N``), which merge
-  by addition and by max.
+  linear weights': interactions are learned from pairs, which are seen more rarely. With
+  ``center`` (on by default), a numeric feature's weight is learned as if the feature were
+  centred on its running mean (its sum of x over the samples so far, absent counted as 0): the
+  step is taken on ``x - mean`` and the intercept takes ``-step * mean``, so that an age or a
+  price far from 0 no longer drags the intercept along with its weight (an ill-conditioned pair:
+  census-like table -2.5% log loss, ``benchmarks/bench_quality.py``). A row is numeric once an x
+  other than 1 was seen in it; indicators are left as they are. All of its state is
+  per-coordinate sums (accumulators, the samples' norms, the rows' sums of x) or maxima (``N``,
+  the numeric flag), which merge by addition and by max.
 - ``"adagrad"``: per-parameter rates ``learning_rate / sqrt(sum g^2)``.
 - ``"sgd"``: a constant rate (the reference's algorithm).
 
@@ -28,8 +34,12 @@ stream leaves y_hat's parts too timid and the gains grow; features that carry on
 them, and the offset then holds the report near the base rate; ``c_0`` discounts the
 intercept's wandering (its AdaGrad steps shrink only as 1/sqrt(n)). This is what makes one default
 serve streams whose best learning rates differ several-fold (``benchmarks/bench_quality.py``).
-Its state (four numbers and a 4x4 inverse curvature) depends on the order of samples: a cluster must
-treat it as one dense coordinate.
+With ``average_intercept`` (on by default with calibration) the intercept it reads is the running
+average of w0 over the samples learned (Polyak averaging) rather than w0: next to a rare click,
+w0's AdaGrad step is several times the base rate's own uncertainty, and the report should not
+jump with it (rare positives: from 0.15% behind the running mean of the labels to 0.2% ahead).
+Its state (four numbers, a 4x4 inverse curvature, the average) depends on the order of samples: a
+cluster must treat it as one dense coordinate.
 
 Every gradient component is clipped to +-``clip_gradient`` and a step that would leave a
 non-finite value anywhere is skipped whole (counted), whatever the optimizer.
@@ -45,8 +55,7 @@ import numpy as np
 from stream_fm._kernels import (
     B_GAIN0,
     B_P,
-    B_W0,
-    BIAS_SIZE,
+    B_W0_REPORT,
     CAL_SIZE,
     _gather,
     _parts,
@@ -63,15 +72,21 @@ OPT_SGD, OPT_ADAGRAD, OPT_NORMALIZED = 0, 1, 2
 OPTIMIZERS = {"normalized": OPT_NORMALIZED, "adagrad": OPT_ADAGRAD, "sgd": OPT_SGD}
 
 # hyper-parameter vector layout (one array keeps the numba call cheap); HP_STD is for new rows
-HP_LR, HP_L2W, HP_L2V, HP_CLIP, HP_EPS, HP_STD, HP_LR_BIAS, HP_ACC0, HP_LR_FACTOR, HP_CALIBRATE = range(10)
-HP_SIZE = 10
+HP_LR, HP_L2W, HP_L2V, HP_CLIP, HP_EPS, HP_STD, HP_LR_BIAS, HP_ACC0, HP_LR_FACTOR = range(9)
+HP_CALIBRATE, HP_CENTER, HP_AVERAGE = 9, 10, 11
+HP_SIZE = 12
+
+# The normalized optimizer's columns after a row's k factor accumulators: the largest |x| seen
+# (N), the sum of the row's x over the samples it was in, and 1 once an x other than 1 was seen
+# (a numeric feature: ``center`` leaves indicators as they are)
+COL_SCALE, COL_SUM, COL_NUMERIC = 0, 1, 2
 
 _DBL_MAX = np.finfo(np.float64).max
 
 
 def extra_columns(opt: int) -> int:
-    """Columns of a row's factor accumulators beyond the k factors (normalized: its scale N)."""
-    return 1 if opt == OPT_NORMALIZED else 0
+    """Columns of a row's factor accumulators beyond the k factors (normalized: ``COL_*``)."""
+    return 3 if opt == OPT_NORMALIZED else 0
 
 
 @nb.njit(cache=True, error_model="numpy", inline="always")
@@ -112,7 +127,7 @@ def _calibration_step(bias, lin, pair, p, y, new, x, u):
     and the step is (p - y) u / d. No solve, no square root: about fifty multiplications.
     """
     n = CAL_SIZE
-    x[0] = bias[B_W0]
+    x[0] = bias[B_W0_REPORT]
     x[1] = lin
     x[2] = pair
     x[3] = 1.0
@@ -162,7 +177,9 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
     adagrad = opt == OPT_ADAGRAD
     normalized = opt == OPT_NORMALIZED
     calibrate = hp[HP_CALIBRATE] != 0.0
-    cal_n = BIAS_SIZE - B_GAIN0
+    center = normalized and hp[HP_CENTER] != 0.0
+    average = hp[HP_AVERAGE] != 0.0
+    cal_n = B_W0_REPORT - B_GAIN0
     cal = np.empty(cal_n, np.float64)  # the calibration after the sample (bias[B_GAIN0:])
     cal_x = np.empty(CAL_SIZE, np.float64)
     cal_u = np.empty(CAL_SIZE, np.float64)
@@ -172,6 +189,7 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
     new_V = np.empty((width, k), np.float64)
     new_gV = np.empty((width, k), np.float64)
     sums = np.empty(k, np.float64)
+    means = np.zeros(width, np.float64)  # each entry's running mean x (centred rows; else 0)
     for s in range(n):
         m = _gather(rows, vals, offsets[s], offsets[s + 1], last, True, cr, cx, cnew)
         w0 = bias[0]
@@ -192,20 +210,20 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
             for j in range(m):
                 r = cr[j]
                 scale = abs(cx[j])
-                if scale > gV[r, k]:
-                    if gV[r, k] == 0.0:
+                if scale > gV[r, k + COL_SCALE]:
+                    if gV[r, k + COL_SCALE] == 0.0:
                         # a row's first sample: its initial vector was drawn for x / N (N = |x|),
                         # and is kept in the units of x, as every parameter is
                         shrink = 1.0 / scale
                     else:
                         # a larger |x| than any before: what was learned at the smaller scale
                         # overstated this feature's range; shrink it (as VW's normalized update)
-                        ratio = gV[r, k] / scale
+                        ratio = gV[r, k + COL_SCALE] / scale
                         shrink = ratio * ratio
                         w[r] *= shrink
                     for f in range(k):
                         V[r, f] *= shrink
-                    gV[r, k] = scale
+                    gV[r, k + COL_SCALE] = scale
                     rescaled = True
             if rescaled:
                 a, b = _parts(cr, cx, m, w, V, sums)
@@ -219,14 +237,25 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
         # Compute every new value first and commit only if all are finite, so that no sample
         # can leave NaN/inf in the model, whatever its inputs or the learning rate.
         g0 = _clip(g, clip)
+        shift = 0.0  # what centring moves into the intercept
+        seen = float(step0 + s)  # samples before this one: a row's mean x is its sum over them
         new_tot = 0.0
         rate = lr
         rate_v = lr_v
         if normalized:
-            # the sample's norm in units of x / N (each row's scale N, updated above)
+            # the sample's norm in units of x / N (each row's scale N, updated above); x as it
+            # comes, centred or not (the norm of x - mean made the steps too large: measured)
             norm = 0.0
             for j in range(m):
-                nr = gV[cr[j], k]
+                r = cr[j]
+                means[j] = 0.0
+                if center and gV[r, k + COL_NUMERIC] != 0.0 and seen > 0.0:
+                    # learned as if x were centred on its mean (absent counted as 0): the step
+                    # of w is taken on x - mean, and the intercept takes -step * mean, so that
+                    # the prediction at the mean stays where it was (a numeric feature far from
+                    # 0 no longer drags the intercept along with every step of its weight)
+                    means[j] = gV[r, k + COL_SUM] / seen
+                nr = gV[r, k + COL_SCALE]
                 if nr > 0.0:
                     xt = cx[j] / nr
                     norm += xt * xt
@@ -249,12 +278,14 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
             wr = w[r]
             if normalized:
                 # AdaGrad on the parameters of x / N, written back in the units of x
-                nr = gV[r, k]
+                nr = gV[r, k + COL_SCALE]
                 inv = 1.0 / nr if nr > 0.0 else 0.0
                 # gradients, L2 and clipping in the units of x / N (the parameters times N)
-                gr = _clip(g * x * inv + l2w * wr * nr, clip)
+                mean = means[j]
+                gr = _clip(g * (x - mean) * inv + l2w * wr * nr, clip)
                 acc = gw[r] + gr * gr
                 nw = wr - rate * gr / math.sqrt(acc + acc0) * inv
+                shift += (nw - wr) * mean
                 new_gw[j] = acc
                 for f in range(k):
                     v = V[r, f]
@@ -282,6 +313,7 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
                     nv = v - lr_v * _clip(g * (x * sums[f] - v * xx) + l2v * v, clip)
                     new_V[j, f] = nv
             new_w[j] = nw
+        new_w0 -= shift
         finite = _all_finite(new_V, m * k) and _all_finite(new_w, m) and math.isfinite(new_w0)
         if adagrad or normalized:
             finite = finite and _all_finite(new_gV, m * k) and _all_finite(new_gw, m)
@@ -298,6 +330,10 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
         stamp = step0 + s
         bias[0] = new_w0
         bias[1] = new_g0
+        if average:
+            bias[B_W0_REPORT] += (new_w0 - bias[B_W0_REPORT]) / (step0 + s + 1)
+        else:
+            bias[B_W0_REPORT] = new_w0
         if normalized:
             bias[2] = new_tot
         if calibrate:
@@ -315,3 +351,7 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
                 gw[r] = new_gw[j]
                 for f in range(k):
                     gV[r, f] = new_gV[j, f]
+            if center:
+                gV[r, k + COL_SUM] += cx[j]
+                if cx[j] != 1.0:
+                    gV[r, k + COL_NUMERIC] = 1.0

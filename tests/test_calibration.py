@@ -10,7 +10,7 @@ import pytest
 from helpers import assert_batch_equals_loop, state_equal
 
 from stream_fm import ConfigError, SparseFM
-from stream_fm._kernels import B_GAIN0, B_LIN, B_NORMS, B_OFF, B_P, B_PAIR, CAL_PRIOR
+from stream_fm._kernels import B_GAIN0, B_LIN, B_NORMS, B_OFF, B_P, B_PAIR, B_W0_REPORT, CAL_PRIOR
 
 
 def _ids_stream(n: int, seed: int, signal: float, ctr: float, fields: int = 4, values: int = 40):
@@ -59,23 +59,30 @@ def _learn(model: SparseFM, stream) -> np.ndarray:
     return model.learn_batch([x for x, _ in stream], [y for _, y in stream])
 
 
-def test_reports_are_the_calibrated_score_of_the_model_before_each_sample():
+@pytest.mark.parametrize("average", [True, False])
+def test_reports_are_the_calibrated_score_of_the_model_before_each_sample(average):
+    """The reported intercept is the running average of w0 over the samples learned
+    (``average_intercept``, on by default with calibration), or w0 itself."""
     stream = _ids_stream(1500, seed=1, signal=0.8, ctr=0.2)
     plain = SparseFM(seed=4, calibrate=False)  # the same factorization machine, reporting y_hat
     ref = _Reference()
     expected = []
-    for x, y in stream:
+    w0_report = 0.0
+    for n, (x, y) in enumerate(stream, start=1):
         lin, pair = _parts(plain, x)
-        p = ref.report(plain.w0, lin, pair)
+        p = ref.report(w0_report, lin, pair)
         expected.append(p)
-        ref.learn(plain.w0, lin, pair, p, y)
+        ref.learn(w0_report, lin, pair, p, y)
         plain.learn_one(x, y)
-    calibrated = SparseFM(seed=4)
+        w0_report = w0_report + (plain.w0 - w0_report) / n if average else plain.w0
+    calibrated = SparseFM(seed=4, average_intercept=average)
     got = _learn(calibrated, stream)
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=0)
     bias = calibrated._bias
     np.testing.assert_allclose(bias[[B_GAIN0, B_LIN, B_PAIR, B_OFF]], ref.theta, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(bias[B_P:], np.linalg.inv(ref.H)[np.triu_indices(4)], rtol=1e-9, atol=1e-15)
+    curvature = np.linalg.inv(ref.H)[np.triu_indices(4)]
+    np.testing.assert_allclose(bias[B_P:B_W0_REPORT], curvature, rtol=1e-9, atol=1e-15)
+    assert bias[B_W0_REPORT] == pytest.approx(w0_report, rel=1e-12)
     assert not np.allclose(ref.theta, [1.0, 1.0, 1.0, 0.0], atol=0.05)  # it did move
 
 
@@ -135,12 +142,13 @@ def test_a_state_written_before_calibration_loads_and_continues_exactly():
     """state_format 2 (a dense state of three numbers) is migrated: the model is made without
     calibration, as it was, and predicts and learns on bit for bit."""
     stream = _ids_stream(1200, seed=8, signal=0.8, ctr=0.2)
-    old = SparseFM(seed=2, calibrate=False)
+    old = SparseFM(seed=2, calibrate=False, center=False)
     _learn(old, stream[:600])
     arrays, meta = old.export_state()
-    config = {k: v for k, v in meta["config"].items() if k != "calibrate"}
+    later = ("calibrate", "center", "average_intercept")
+    config = {k: v for k, v in meta["config"].items() if k not in later}
     v2_meta = {**meta, "state_format": 2, "config": config}
-    v2 = SparseFM.from_state({**arrays, "bias": arrays["bias"][:3]}, v2_meta)
+    v2 = SparseFM.from_state({**arrays, "bias": arrays["bias"][:3], "gV": arrays["gV"][:, :9]}, v2_meta)
     assert v2.calibrate is False
     assert np.array_equal(_learn(v2, stream[600:]), _learn(old, stream[600:]))
     assert state_equal(v2, old)

@@ -8,6 +8,7 @@ import pytest
 from helpers import assert_batch_equals_loop, categorical_stream, state_equal
 
 from stream_fm import ConfigError, SparseFM
+from stream_fm.updates import COL_SCALE
 
 
 def _scaled(stream: list[tuple[dict, bool]], factor: float) -> list[tuple[dict, bool]]:
@@ -38,9 +39,10 @@ def test_a_larger_value_than_any_before_shrinks_what_was_learned_at_the_smaller_
         model.learn_one({"n": 0.01 * (1 + i % 3), "ad": f"a{i % 4}"}, i % 2 == 0)
     row = model._index.as_dict()["n"]
     learned = abs(model._w[row] * 100.0)  # what the weight would say of x = 100 as it stands
-    assert model._gV[row, -1] == pytest.approx(0.03)  # the row's scale: the largest |x| so far
+    scale = model.n_factors + COL_SCALE  # the row's scale: the largest |x| so far
+    assert model._gV[row, scale] == pytest.approx(0.03)
     model.learn_one({"n": 100.0}, True)
-    assert model._gV[row, -1] == 100.0
+    assert model._gV[row, scale] == 100.0
     assert learned > 50.0 and abs(model._w[row] * 100.0) < 5.0
     p = model.predict_proba_one({"n": 100.0})[True]
     assert 0.01 < p < 0.99
@@ -84,9 +86,9 @@ def test_a_state_written_before_the_normalized_optimizer_loads_and_continues_exa
 def test_an_unknown_state_format_is_refused_naming_both_versions():
     arrays, meta = SparseFM().export_state()
     with pytest.raises(
-        ConfigError, match=r"state_format=\(.SparseFM., 4\).*one of \(1, 2, 3\)\); this release writes 3"
+        ConfigError, match=r"state_format=\(.SparseFM., 5\).*one of \(1, 2, 3, 4\)\); this release writes 4"
     ):
-        SparseFM.from_state(arrays, {**meta, "state_format": 4})
+        SparseFM.from_state(arrays, {**meta, "state_format": 5})
 
 
 def test_each_optimizer_has_its_own_default_rate():

@@ -1,0 +1,134 @@
+"""Centring of numeric features and the averaged intercept (stream_fm/updates.py): what moves
+where in one step, what they leave alone, what they buy, and states written before them."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from helpers import assert_batch_equals_loop, categorical_stream, state_equal
+
+from stream_fm import ConfigError, SparseFM
+from stream_fm._kernels import B_W0, B_W0_REPORT
+from stream_fm.updates import COL_NUMERIC, COL_SUM
+
+
+def _learn(model: SparseFM, stream) -> np.ndarray:
+    return model.learn_batch([x for x, _ in stream], [y for _, y in stream])
+
+
+def _log_loss(p: np.ndarray, stream) -> float:
+    y = np.array([label for _, label in stream], float)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def _table(n: int, seed: int, offset: float) -> list[tuple[dict, bool]]:
+    """Three categorical columns and an age, ``offset + 12 z``, whose effect is ``0.8 z``."""
+    rng = np.random.default_rng(seed)
+    effects = rng.normal(0.0, 0.7, (3, 8))
+    out = []
+    for _ in range(n):
+        ids = rng.integers(8, size=3)
+        z = rng.normal()
+        score = -1.0 + effects[np.arange(3), ids].sum() + 0.8 * z
+        x: dict = {f"c{i}": f"v{v}" for i, v in enumerate(ids)}
+        x["age"] = round(offset + 12.0 * z, 3) or 0.001
+        out.append((x, bool(rng.random() < 1 / (1 + math.exp(-score)))))
+    return out
+
+
+def test_the_intercept_takes_the_other_side_of_a_centred_step():
+    """One sample, from the same state, with and without centring: the weight steps on x - mean
+    instead of x, and w0 moves by -(that step) * mean more; nothing else differs."""
+    stream = _table(300, seed=1, offset=40.0)
+    on = SparseFM(seed=3, average_intercept=False)
+    _learn(on, stream[:299])
+    arrays, meta = on.export_state()
+    off = SparseFM.from_state(arrays, {**meta, "config": {**meta["config"], "center": False}})
+    row = on._index.as_dict()["age"]
+    k = on.n_factors
+    assert on._gV[row, k + COL_NUMERIC] == 1.0
+    mean = on._gV[row, k + COL_SUM] / on.samples_seen
+    x, y = stream[299]
+    assert abs(x["age"] - mean) < 0.5 * x["age"]  # far from 0, nearer its mean
+    w_before, g_sign = on._w[row], (1.0 if y else -1.0)
+    on.learn_one(x, y)
+    off.learn_one(x, y)
+    step = on._w[row] - w_before
+    assert np.sign(step) == g_sign * np.sign(x["age"] - mean)  # descends along x - mean
+    assert np.sign(off._w[row] - w_before) == g_sign  # along x (> 0)
+    assert on._bias[B_W0] == off._bias[B_W0] - step * mean
+    others = [r for r in range(on.n_rows) if r != row]
+    assert np.array_equal(on._w[others], off._w[others]) and np.array_equal(on._V, off._V)
+
+
+def test_indicators_are_left_as_they_are():
+    """Every x is 1 (categorical, bool, multi-hot): centring changes nothing but its own sums."""
+    stream = [({k: v for k, v in x.items() if k != "price"}, y) for x, y in categorical_stream(800, 2)]
+    on, off = SparseFM(seed=1), SparseFM(seed=1, center=False)
+    assert np.array_equal(_learn(on, stream), _learn(off, stream))
+    k = on.n_factors
+    a_on, _ = on.export_state()
+    a_off, _ = off.export_state()
+    for name in ("bias", "w", "V", "gw", "last"):
+        assert np.array_equal(a_on[name], a_off[name]), name
+    without_sums = [np.delete(a["gV"], k + COL_SUM, axis=1) for a in (a_on, a_off)]
+    assert np.array_equal(*without_sums)
+    assert not a_on["gV"][:, k + COL_NUMERIC].any()
+
+
+def test_a_number_far_from_zero_costs_little_with_centring():
+    """The same age given as a deviation or in years (offset 40): with centring the offset costs
+    under 1% of log loss; without, it costs more than twice that (measured: 0.5% and 1.5%).
+    (The scale is still the largest |x|: a number whose spread is tiny next to its size, a
+    year, learns slowly either way.)"""
+    near, far = _table(20_000, seed=4, offset=0.0), _table(20_000, seed=4, offset=40.0)
+    on_near = _log_loss(_learn(SparseFM(seed=0), near), near)
+    on_far = _log_loss(_learn(SparseFM(seed=0), far), far)
+    off_far = _log_loss(_learn(SparseFM(seed=0, center=False), far), far)
+    assert on_far < 1.01 * on_near
+    assert off_far - on_near > 2 * (on_far - on_near)
+    assert on_far < 0.995 * off_far
+
+
+def test_learn_batch_equals_the_loop_with_centring():
+    assert_batch_equals_loop(lambda: SparseFM(seed=5), _table(700, seed=9, offset=40.0), 128)
+
+
+def test_the_averaged_intercept_steadies_reports_when_clicks_are_rare():
+    """Rare clicks and ids that say nothing: each click kicks w0 up; reporting its running
+    average instead gives lower log loss."""
+    rng = np.random.default_rng(6)
+    stream = [({"a": f"v{rng.integers(500)}", "b": f"w{rng.integers(50)}"}, bool(rng.random() < 0.005))
+              for _ in range(30_000)]  # fmt: skip
+    averaged = SparseFM(seed=0)
+    on, off = _learn(averaged, stream), _learn(SparseFM(seed=0, average_intercept=False), stream)
+    assert _log_loss(on, stream) < 0.995 * _log_loss(off, stream)
+    assert averaged._bias[B_W0_REPORT] != averaged._bias[B_W0]
+
+
+def test_a_state_written_before_centring_loads_and_continues_exactly():
+    """state_format 3 (no reported intercept, one column after a normalized row's accumulators,
+    neither setting) is migrated: the model is made with both off, as it was, and goes on bit
+    for bit."""
+    stream = _table(1200, seed=8, offset=40.0)
+    old = SparseFM(seed=2, center=False, average_intercept=False)
+    _learn(old, stream[:600])
+    arrays, meta = old.export_state()
+    config = {k: v for k, v in meta["config"].items() if k not in ("center", "average_intercept")}
+    v3 = SparseFM.from_state(
+        {**arrays, "bias": arrays["bias"][:B_W0_REPORT], "gV": arrays["gV"][:, : old.n_factors + 1]},
+        {**meta, "state_format": 3, "config": config},
+    )
+    assert (v3.calibrate, v3.center, v3.average_intercept) == (True, False, False)
+    assert np.array_equal(_learn(v3, stream[600:]), _learn(old, stream[600:]))
+    assert state_equal(v3, old)
+
+
+@pytest.mark.parametrize("name", ["center", "average_intercept"])
+def test_the_switches_must_be_bools(name):
+    with pytest.raises(ConfigError, match=f"{name}.*true, false or None"):
+        SparseFM(**{name: "yes"})
+    assert SparseFM(optimizer="adagrad").center is False
+    assert SparseFM(calibrate=False).average_intercept is False
