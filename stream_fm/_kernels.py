@@ -14,10 +14,11 @@ and the logistic loss L = -ln sigma(y y_hat), y in {-1, +1}, is *descended*:
 theta <- theta - lr * dL/dtheta with dL/dy_hat = -y (1 - sigma(y y_hat)).
 
 What a prediction reports is the *calibrated* score
-``c_0 * w0_r + (c_lin * lin + c_pair * pair) + c_off`` where ``lin`` and ``pair`` are the linear and
-pairwise sums above: four numbers learned on top of the model (see :mod:`stream_fm.updates`); they
-are 1, 1, 1 and 0 (the plain y_hat, bit for bit) when calibration is off. ``w0_r`` is w0, or its
-running average over the samples learned (``average_intercept``).
+``c_0 * w0_r + (m_lin + c_lin * (lin - m_lin)) + (m_pair + c_pair * (pair - m_pair)) + c_off``
+where ``lin`` and ``pair`` are the linear and pairwise sums above: four numbers learned on top of
+the model (see :mod:`stream_fm.updates`); they are 1, 1, 1 and 0 (the plain y_hat, bit for bit)
+when calibration is off. ``w0_r`` is w0, or its running average over the samples learned
+(``average_intercept``); ``m_lin`` and ``m_pair`` are the parts' running means (``center``), or 0.
 
 A row whose ``last`` stamp is -1 has never been trained ("untouched"): it is invisible to
 prediction, and while learning the prediction reported for a sample excludes such rows, so that
@@ -50,9 +51,12 @@ __all__ = [
 B_W0, B_ACC, B_NORMS, B_GAIN0, B_LIN, B_PAIR, B_OFF, B_P = 0, 1, 2, 3, 4, 5, 6, 7
 CAL_SIZE = 4
 # then the intercept the report reads: the running average of w0 over the samples learned
-# (``average_intercept``), or w0 itself
+# (``average_intercept``), or w0 itself; then the running means of the linear and the pairwise
+# parts (with ``center`` and calibration; else 0): the calibration's gains scale the parts'
+# deviations from them, and the means pass at gain 1
 B_W0_REPORT = B_P + CAL_SIZE * (CAL_SIZE + 1) // 2
-BIAS_SIZE = B_W0_REPORT + 1
+B_LIN_MEAN, B_PAIR_MEAN = B_W0_REPORT + 1, B_W0_REPORT + 2
+BIAS_SIZE = B_W0_REPORT + 3
 # The calibration's prior: centred on the identity, precision 1 for the parts' gains and the
 # offset, 100 for w0's gain (the intercept is already learned for the base rate; its gain only
 # discounts the intercept's wandering, slowly).
@@ -239,7 +243,10 @@ def _gather(rows, vals, a, b, last, learning, out_r, out_x, out_new):
 @nb.njit(cache=True, error_model="numpy", inline="always")
 def _score(bias, lin, pair):
     """The calibrated score of a sample whose linear and pairwise sums are ``lin``, ``pair``."""
-    return bias[B_GAIN0] * bias[B_W0_REPORT] + (bias[B_LIN] * lin + bias[B_PAIR] * pair) + bias[B_OFF]
+    m_lin = bias[B_LIN_MEAN]
+    m_pair = bias[B_PAIR_MEAN]
+    parts = (m_lin + bias[B_LIN] * (lin - m_lin)) + (m_pair + bias[B_PAIR] * (pair - m_pair))
+    return bias[B_GAIN0] * bias[B_W0_REPORT] + parts + bias[B_OFF]
 
 
 @nb.njit(cache=True, error_model="numpy", inline="always")

@@ -34,12 +34,16 @@ stream leaves y_hat's parts too timid and the gains grow; features that carry on
 them, and the offset then holds the report near the base rate; ``c_0`` discounts the
 intercept's wandering (its AdaGrad steps shrink only as 1/sqrt(n)). This is what makes one default
 serve streams whose best learning rates differ several-fold (``benchmarks/bench_quality.py``).
-With ``average_intercept`` (on by default with calibration) the intercept it reads is the running
-average of w0 over the samples learned (Polyak averaging) rather than w0: next to a rare click,
-w0's AdaGrad step is several times the base rate's own uncertainty, and the report should not
-jump with it (rare positives: from 0.15% behind the running mean of the labels to 0.2% ahead).
-Its state (four numbers, a 4x4 inverse curvature, the average) depends on the order of samples: a
-cluster must treat it as one dense coordinate.
+With ``center``, the gains scale the linear and pairwise parts' deviations from their running
+means, and the means pass at gain 1: centring leaves a numeric feature's mean effect in the
+linear part and its opposite in the intercept, and a gain that scaled one and not the other
+would break them apart (Phishing: 0.2827 -> 0.2789). With ``average_intercept`` (on by default
+with calibration) the intercept it reads is the running average of w0 over the samples learned
+(Polyak averaging) rather than w0: next to a rare click, w0's AdaGrad step is several times the
+base rate's own uncertainty, and the report should not jump with it (rare positives: from 0.15%
+behind the running mean of the labels to 0.2% ahead).
+Its state (four numbers, a 4x4 inverse curvature, the averages) depends on the order of samples:
+a cluster must treat it as one dense coordinate.
 
 Every gradient component is clipped to +-``clip_gradient`` and a step that would leave a
 non-finite value anywhere is skipped whole (counted), whatever the optimizer.
@@ -54,7 +58,9 @@ import numpy as np
 
 from stream_fm._kernels import (
     B_GAIN0,
+    B_LIN_MEAN,
     B_P,
+    B_PAIR_MEAN,
     B_W0_REPORT,
     CAL_SIZE,
     _gather,
@@ -128,8 +134,8 @@ def _calibration_step(bias, lin, pair, p, y, new, x, u):
     """
     n = CAL_SIZE
     x[0] = bias[B_W0_REPORT]
-    x[1] = lin
-    x[2] = pair
+    x[1] = lin - bias[B_LIN_MEAN]
+    x[2] = pair - bias[B_PAIR_MEAN]
     x[3] = 1.0
     c = p * (1.0 - p)
     for i in range(n):  # u = P x, P symmetric, its upper triangle row by row
@@ -179,6 +185,7 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
     calibrate = hp[HP_CALIBRATE] != 0.0
     center = normalized and hp[HP_CENTER] != 0.0
     average = hp[HP_AVERAGE] != 0.0
+    cal_centred = calibrate and hp[HP_CENTER] != 0.0
     cal_n = B_W0_REPORT - B_GAIN0
     cal = np.empty(cal_n, np.float64)  # the calibration after the sample (bias[B_GAIN0:])
     cal_x = np.empty(CAL_SIZE, np.float64)
@@ -334,6 +341,9 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
             bias[B_W0_REPORT] += (new_w0 - bias[B_W0_REPORT]) / (step0 + s + 1)
         else:
             bias[B_W0_REPORT] = new_w0
+        if cal_centred:
+            bias[B_LIN_MEAN] += (lin - bias[B_LIN_MEAN]) / (step0 + s + 1)
+            bias[B_PAIR_MEAN] += (pair - bias[B_PAIR_MEAN]) / (step0 + s + 1)
         if normalized:
             bias[2] = new_tot
         if calibrate:

@@ -10,7 +10,18 @@ import pytest
 from helpers import assert_batch_equals_loop, state_equal
 
 from stream_fm import ConfigError, SparseFM
-from stream_fm._kernels import B_GAIN0, B_LIN, B_NORMS, B_OFF, B_P, B_PAIR, B_W0_REPORT, CAL_PRIOR
+from stream_fm._kernels import (
+    B_GAIN0,
+    B_LIN,
+    B_LIN_MEAN,
+    B_NORMS,
+    B_OFF,
+    B_P,
+    B_PAIR,
+    B_PAIR_MEAN,
+    B_W0_REPORT,
+    CAL_PRIOR,
+)
 
 
 def _ids_stream(n: int, seed: int, signal: float, ctr: float, fields: int = 4, values: int = 40):
@@ -39,33 +50,45 @@ def _parts(model: SparseFM, x: dict[str, str]) -> tuple[float, float]:
 
 
 class _Reference:
-    """The calibration written out with numpy: a Gaussian prior, one Newton step per sample."""
+    """The calibration written out with numpy: a Gaussian prior, one Newton step per sample;
+    with ``centred``, the gains act on the parts' deviations from their running means (the means
+    themselves pass at gain 1)."""
 
-    def __init__(self) -> None:
+    def __init__(self, centred: bool) -> None:
         self.theta = np.array([1.0, 1.0, 1.0, 0.0])
         self.H = np.diag(CAL_PRIOR)
+        self.centred = centred
+        self.means = np.zeros(2)
+        self.n = 0
+
+    def _x(self, w0: float, lin: float, pair: float) -> np.ndarray:
+        return np.array([w0, lin - self.means[0], pair - self.means[1], 1.0])
 
     def report(self, w0: float, lin: float, pair: float) -> float:
-        z = self.theta @ [w0, lin, pair, 1.0]
+        z = self.theta @ self._x(w0, lin, pair) + self.means.sum()
         return 1.0 / (1.0 + math.exp(-z))
 
     def learn(self, w0: float, lin: float, pair: float, p: float, y: bool) -> None:
-        x = np.array([w0, lin, pair, 1.0])
+        x = self._x(w0, lin, pair)
         self.H += p * (1 - p) * np.outer(x, x)
         self.theta -= np.linalg.solve(self.H, (p - float(y)) * x)
+        self.n += 1
+        if self.centred:
+            self.means += (np.array([lin, pair]) - self.means) / self.n
 
 
 def _learn(model: SparseFM, stream) -> np.ndarray:
     return model.learn_batch([x for x, _ in stream], [y for _, y in stream])
 
 
-@pytest.mark.parametrize("average", [True, False])
-def test_reports_are_the_calibrated_score_of_the_model_before_each_sample(average):
+@pytest.mark.parametrize(("average", "center"), [(True, True), (False, True), (True, False)])
+def test_reports_are_the_calibrated_score_of_the_model_before_each_sample(average, center):
     """The reported intercept is the running average of w0 over the samples learned
-    (``average_intercept``, on by default with calibration), or w0 itself."""
+    (``average_intercept``, on by default with calibration), or w0 itself; with ``center`` the
+    gains scale the parts' deviations from their running means."""
     stream = _ids_stream(1500, seed=1, signal=0.8, ctr=0.2)
     plain = SparseFM(seed=4, calibrate=False)  # the same factorization machine, reporting y_hat
-    ref = _Reference()
+    ref = _Reference(centred=center)
     expected = []
     w0_report = 0.0
     for n, (x, y) in enumerate(stream, start=1):
@@ -75,7 +98,7 @@ def test_reports_are_the_calibrated_score_of_the_model_before_each_sample(averag
         ref.learn(w0_report, lin, pair, p, y)
         plain.learn_one(x, y)
         w0_report = w0_report + (plain.w0 - w0_report) / n if average else plain.w0
-    calibrated = SparseFM(seed=4, average_intercept=average)
+    calibrated = SparseFM(seed=4, average_intercept=average, center=center)
     got = _learn(calibrated, stream)
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=0)
     bias = calibrated._bias
@@ -83,6 +106,8 @@ def test_reports_are_the_calibrated_score_of_the_model_before_each_sample(averag
     curvature = np.linalg.inv(ref.H)[np.triu_indices(4)]
     np.testing.assert_allclose(bias[B_P:B_W0_REPORT], curvature, rtol=1e-9, atol=1e-15)
     assert bias[B_W0_REPORT] == pytest.approx(w0_report, rel=1e-12)
+    np.testing.assert_allclose(bias[[B_LIN_MEAN, B_PAIR_MEAN]], ref.means, rtol=1e-12, atol=0)
+    assert ref.means.any() == center
     assert not np.allclose(ref.theta, [1.0, 1.0, 1.0, 0.0], atol=0.05)  # it did move
 
 

@@ -12,7 +12,7 @@ from helpers import categorical_stream, state_equal
 from river import facto, linear_model, metrics, optim
 
 from stream_fm import ConfigError, FeatureError, LabelError, SparseFM, fastpath
-from stream_fm._kernels import B_W0_REPORT
+from stream_fm._kernels import B_LIN_MEAN, B_PAIR_MEAN, B_W0_REPORT
 
 # ---------------------------------------------------------------- helpers: a plain FM, written out
 
@@ -70,7 +70,9 @@ def test_predictions_equal_the_quadratic_formula(calibrate):
         x = dict(x, unseen_feature=float(rng.normal()))  # unseen: contributes nothing
         p = model.predict_proba_one(x)[True]
         lin, pair = naive_parts(model, x)
-        raw = c_0 * model._bias[B_W0_REPORT] + c_lin * lin + c_pair * pair + c_off  # w0 or its average
+        m_lin, m_pair = model._bias[[B_LIN_MEAN, B_PAIR_MEAN]]  # the parts' means (0 without calibration)
+        parts = m_lin + c_lin * (lin - m_lin) + m_pair + c_pair * (pair - m_pair)
+        raw = c_0 * model._bias[B_W0_REPORT] + parts + c_off  # w0 or its average
         assert p == pytest.approx(1 / (1 + math.exp(-raw)), abs=1e-12)
         assert math.log(p / (1 - p)) == pytest.approx(raw, abs=1e-9)
 
