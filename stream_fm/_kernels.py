@@ -17,8 +17,9 @@ What a prediction reports is the *calibrated* score
 ``c_0 * w0_r + (m_lin + c_lin * (lin - m_lin)) + (m_pair + c_pair * (pair - m_pair)) + c_off``
 where ``lin`` and ``pair`` are the linear and pairwise sums above: four numbers learned on top of
 the model (see :mod:`stream_fm.updates`); they are 1, 1, 1 and 0 (the plain y_hat, bit for bit)
-when calibration is off. ``w0_r`` is w0, or its running average over the samples learned
-(``average_intercept``); ``m_lin`` and ``m_pair`` are the parts' running means (``center``), or 0.
+when calibration is off. ``w0_r`` is w0, or its average over the samples learned (the t-th
+weighing t; ``average_intercept``); ``m_lin`` and ``m_pair`` are the parts' running means
+(``center``), or 0.
 
 A row whose ``last`` stamp is -1 has never been trained ("untouched"): it is invisible to
 prediction, and while learning the prediction reported for a sample excludes such rows, so that
@@ -50,8 +51,8 @@ __all__ = [
 # stored as its upper triangle row by row: 00 01 02 03 11 12 13 22 23 33); the intercept reported.
 B_W0, B_ACC, B_NORMS, B_GAIN0, B_LIN, B_PAIR, B_OFF, B_P = 0, 1, 2, 3, 4, 5, 6, 7
 CAL_SIZE = 4
-# then the intercept the report reads: the running average of w0 over the samples learned
-# (``average_intercept``), or w0 itself; then the running means of the linear and the pairwise
+# then the intercept the report reads: an average of w0 over the samples learned, the t-th weighing
+# t (``average_intercept``), or w0 itself; then the running means of the linear and the pairwise
 # parts (with ``center`` and calibration; else 0): the calibration's gains scale the parts'
 # deviations from them, and the means pass at gain 1
 B_W0_REPORT = B_P + CAL_SIZE * (CAL_SIZE + 1) // 2

@@ -236,7 +236,7 @@ SETTINGS: tuple[Setting, ...] = (
         "average_intercept",
         bool,
         None,
-        "report with the running average of the intercept (none: on with calibrate)",
+        "report with an average of the intercept over time (none: on with calibrate)",
         "--average-intercept",
         optional=True,
     ),

@@ -75,8 +75,8 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
         0 (an age, a price) no longer drags the intercept with it. Indicators are left as they
         are. None: on with ``"normalized"``.
     average_intercept
-        Report with the running average of w0 over the samples learned instead of w0 itself
-        (Polyak averaging): the intercept's steps, large next to a rare click, no longer move
+        Report with an average of w0 over the samples learned (the t-th weighing t) instead of
+        w0 itself: the intercept's steps, large next to a rare click, no longer move
         every report. None: on with ``calibrate``.
     l2_w, l2_v
         L2 penalties on the linear weights and on the latent vectors, >= 0, applied (lazily) to

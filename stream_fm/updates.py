@@ -38,10 +38,11 @@ With ``center``, the gains scale the linear and pairwise parts' deviations from 
 means, and the means pass at gain 1: centring leaves a numeric feature's mean effect in the
 linear part and its opposite in the intercept, and a gain that scaled one and not the other
 would break them apart (Phishing: 0.2827 -> 0.2789). With ``average_intercept`` (on by default
-with calibration) the intercept it reads is the running average of w0 over the samples learned
-(Polyak averaging) rather than w0: next to a rare click, w0's AdaGrad step is several times the
-base rate's own uncertainty, and the report should not jump with it (rare positives: from 0.15%
-behind the running mean of the labels to 0.2% ahead).
+with calibration) the intercept it reads is an average of w0 over the samples learned, the t-th
+weighing t (Polyak averaging, weighted as Lacoste-Julien, Schmidt and Bach, 2012), rather than
+w0: next to a rare click, w0's AdaGrad step is several times the base rate's own uncertainty,
+and the report should not jump with it (rare positives: from behind the running mean of the
+labels to ahead of it; ``benchmarks/bench_quality.py``).
 Its state (four numbers, a 4x4 inverse curvature, the averages) depends on the order of samples:
 a cluster must treat it as one dense coordinate.
 
@@ -338,7 +339,9 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
         bias[0] = new_w0
         bias[1] = new_g0
         if average:
-            bias[B_W0_REPORT] += (new_w0 - bias[B_W0_REPORT]) / (step0 + s + 1)
+            # weights growing with t (the t-th w0 weighs t): old values, learned before the
+            # rest of the model settled, fade (Lacoste-Julien, Schmidt and Bach, 2012)
+            bias[B_W0_REPORT] += 2.0 * (new_w0 - bias[B_W0_REPORT]) / (step0 + s + 2.0)
         else:
             bias[B_W0_REPORT] = new_w0
         if cal_centred:

@@ -83,7 +83,7 @@ def _learn(model: SparseFM, stream) -> np.ndarray:
 
 @pytest.mark.parametrize(("average", "center"), [(True, True), (False, True), (True, False)])
 def test_reports_are_the_calibrated_score_of_the_model_before_each_sample(average, center):
-    """The reported intercept is the running average of w0 over the samples learned
+    """The reported intercept is the average of w0 over the samples learned, the n-th weighing n
     (``average_intercept``, on by default with calibration), or w0 itself; with ``center`` the
     gains scale the parts' deviations from their running means."""
     stream = _ids_stream(1500, seed=1, signal=0.8, ctr=0.2)
@@ -97,7 +97,7 @@ def test_reports_are_the_calibrated_score_of_the_model_before_each_sample(averag
         expected.append(p)
         ref.learn(w0_report, lin, pair, p, y)
         plain.learn_one(x, y)
-        w0_report = w0_report + (plain.w0 - w0_report) / n if average else plain.w0
+        w0_report = w0_report + 2 * (plain.w0 - w0_report) / (n + 1) if average else plain.w0
     calibrated = SparseFM(seed=4, average_intercept=average, center=center)
     got = _learn(calibrated, stream)
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=0)
