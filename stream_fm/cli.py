@@ -345,9 +345,11 @@ def _summary(snap, top: int) -> None:
     else:
         keys = [f"<bucket {r}>" for r in range(len(a["w"]))]
     bias = upgrade_bias(a["bias"], m["model"]["state_format"])
-    print(f"  w0            {bias[_kernels.B_W0]:+.6f}")
+    print(f"  w0            {bias[_kernels.B_W0]:+.6f}   reported {bias[_kernels.B_W0_REPORT]:+.6f}")
     gains = bias[_kernels.B_GAIN0 : _kernels.B_P]
     print("  calibration   w0 x{:.4f}  linear x{:.4f}  pairwise x{:.4f}  offset {:+.4f}".format(*gains))
+    means = bias[[_kernels.B_LIN_MEAN, _kernels.B_PAIR_MEAN]]
+    print("  part means    linear {:+.4f}  pairwise {:+.4f}".format(*means))
     for title, score in (
         ("|w|", np.abs(np.asarray(a["w"]))),
         ("||v||", np.linalg.norm(np.asarray(a["V"]), axis=1)),

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from helpers import categorical_stream
 
-from stream_fm import FeatureError, SparseFM, cli, serving, snapshot
+from stream_fm import FeatureError, SparseFM, _kernels, cli, serving, snapshot
 from stream_fm.server import PredictServer
 
 PARAMS = [{}, {"optimizer": "sgd"}, {"hash_bits": 8}, {"max_features": 30}]
@@ -223,6 +223,9 @@ def test_inspect_verifies_and_summarises(tmp_path, capsys):
     assert cli.main(["inspect", str(tmp_path), "--top", "2"]) == 0
     out = capsys.readouterr().out
     assert f"ok      {path.name}" in out and "samples_seen  100" in out and "'events': {'0': 12}" in out
+    bias = model._bias  # the intercept reported and the calibration parts' means, as learned
+    assert f"reported {bias[_kernels.B_W0_REPORT]:+.6f}" in out
+    assert f"part means    linear {bias[_kernels.B_LIN_MEAN]:+.4f}" in out
     top_w = out.split("by |w|:")[1].split("top")[0]
     assert "'ad=strong'" in top_w and "'ad=weak'" in top_w and "'user=u1'" not in top_w
 
