@@ -47,7 +47,7 @@ from common import machine, print_table
 from stream_fm import SparseFM
 from stream_fm._kernels import B_ACC, B_GAIN0, B_NORMS, B_P, B_W0, CAL_SIZE
 from stream_fm.keyindex import decode_keys, encode_keys
-from stream_fm.updates import COL_NUMERIC, COL_SCALE, COL_SUM
+from stream_fm.updates import COL_SCALE, COL_SUM
 
 RULES = ("sum", "mean", "sqrt", "adagrad", "rescaled")
 STREAMS = {  # the three kinds the issue names
@@ -170,9 +170,7 @@ def merge(base: Base, deltas: list[tuple[list[str], dict[str, np.ndarray]]], rul
     np.add.at(a["gw"], rows, cat["dgw"])
     np.add.at(a["gV"][:, :k], rows, cat["dgV"][:, :k])
     a["gV"][:, k + COL_SCALE] = merged_n
-    # centring's sum of x adds; its numeric flag is 1 where any partition saw a number
-    np.add.at(a["gV"][:, k + COL_SUM], rows, cat["dgV"][:, k + COL_SUM])
-    np.maximum.at(a["gV"][:, k + COL_NUMERIC], rows, cat["dgV"][:, k + COL_NUMERIC])
+    np.add.at(a["gV"][:, k + COL_SUM], rows, cat["dgV"][:, k + COL_SUM])  # centring's sum of x adds
     np.maximum.at(a["last"], rows, cat["last"])
     biases = np.array([d["bias"] for _, d in deltas])
     old = a["bias"].copy()

@@ -25,8 +25,9 @@ STATE_FORMAT = 4
 # 2: before calibration (bias [w0, accumulator, sum of norms]; the calibration is the identity,
 #    and the model is made with ``calibrate=False``: it predicts and learns on exactly as before);
 # 3: before centring and the averaged intercept (the reported intercept is w0, a normalized row
-#    has one column after its factor accumulators, and the model is made with ``center=False``
-#    and ``average_intercept=False``: it predicts and learns on exactly as before).
+#    has one column after its factor accumulators, N, and not its sum of x; the model is made
+#    with ``center=False`` and ``average_intercept=False``: it predicts and learns on exactly as
+#    before).
 READABLE_FORMATS = (1, 2, 3, 4)
 _BIAS_LENGTHS = {1: 2, 2: 3, 3: _kernels.B_W0_REPORT, 4: _kernels.BIAS_SIZE}
 

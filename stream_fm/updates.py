@@ -13,14 +13,15 @@ Three optimizers, chosen per model (``SparseFM(optimizer=...)``):
   of its own (``bias_learning_rate``): it tracks the base rate, which matters most when clicks
   are rare. The latent vectors have theirs too (``factor_learning_rate``), smaller than the
   linear weights': interactions are learned from pairs, which are seen more rarely. With
-  ``center`` (on by default), a numeric feature's weight is learned as if the feature were
-  centred on its running mean (its sum of x over the samples so far, absent counted as 0): the
-  step is taken on ``x - mean`` and the intercept takes ``-step * mean``, so that an age or a
-  price far from 0 no longer drags the intercept along with its weight (an ill-conditioned pair:
-  census-like table -2.5% log loss, ``benchmarks/bench_quality.py``). A row is numeric once an x
-  other than 1 was seen in it; indicators are left as they are. All of its state is
-  per-coordinate sums (accumulators, the samples' norms, the rows' sums of x) or maxima (``N``,
-  the numeric flag), which merge by addition and by max.
+  ``center`` (on by default), a feature's weight is learned as if the feature were centred on
+  its running mean (its sum of x over the samples so far, this one included, absent counted as
+  0): the step is taken
+  on ``x - mean`` and the intercept takes ``-step * mean``, so that an age or a price far from 0
+  no longer drags the intercept along with its weight (an ill-conditioned pair: census-like
+  table -2% log loss, ``benchmarks/bench_quality.py``). An indicator's mean is its frequency: a
+  rare id learns almost as without it, a feature in every sample leaves the base rate to the
+  intercept. All of its state is per-coordinate sums (accumulators, the samples' norms, the rows'
+  sums of x) or maxima (``N``), which merge by addition and by max.
 - ``"adagrad"``: per-parameter rates ``learning_rate / sqrt(sum g^2)``.
 - ``"sgd"``: a constant rate (the reference's algorithm).
 
@@ -84,16 +85,15 @@ HP_CALIBRATE, HP_CENTER, HP_AVERAGE = 9, 10, 11
 HP_SIZE = 12
 
 # The normalized optimizer's columns after a row's k factor accumulators: the largest |x| seen
-# (N), the sum of the row's x over the samples it was in, and 1 once an x other than 1 was seen
-# (a numeric feature: ``center`` leaves indicators as they are)
-COL_SCALE, COL_SUM, COL_NUMERIC = 0, 1, 2
+# (N) and the sum of the row's x over the samples it was in (``center``)
+COL_SCALE, COL_SUM = 0, 1
 
 _DBL_MAX = np.finfo(np.float64).max
 
 
 def extra_columns(opt: int) -> int:
     """Columns of a row's factor accumulators beyond the k factors (normalized: ``COL_*``)."""
-    return 3 if opt == OPT_NORMALIZED else 0
+    return 2 if opt == OPT_NORMALIZED else 0
 
 
 @nb.njit(cache=True, error_model="numpy", inline="always")
@@ -197,7 +197,6 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
     new_V = np.empty((width, k), np.float64)
     new_gV = np.empty((width, k), np.float64)
     sums = np.empty(k, np.float64)
-    means = np.zeros(width, np.float64)  # each entry's running mean x (centred rows; else 0)
     for s in range(n):
         m = _gather(rows, vals, offsets[s], offsets[s + 1], last, True, cr, cx, cnew)
         w0 = bias[0]
@@ -246,7 +245,9 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
         # can leave NaN/inf in the model, whatever its inputs or the learning rate.
         g0 = _clip(g, clip)
         shift = 0.0  # what centring moves into the intercept
-        seen = float(step0 + s)  # samples before this one: a row's mean x is its sum over them
+        per_sample = 1.0 / (step0 + s + 1)  # 1 / the samples so far, this one included
+        # a row's mean x: its sum over the samples so far (absent counted as 0); 0 without center
+        per_seen = per_sample if center else 0.0
         new_tot = 0.0
         rate = lr
         rate_v = lr_v
@@ -255,15 +256,7 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
             # comes, centred or not (the norm of x - mean made the steps too large: measured)
             norm = 0.0
             for j in range(m):
-                r = cr[j]
-                means[j] = 0.0
-                if center and gV[r, k + COL_NUMERIC] != 0.0 and seen > 0.0:
-                    # learned as if x were centred on its mean (absent counted as 0): the step
-                    # of w is taken on x - mean, and the intercept takes -step * mean, so that
-                    # the prediction at the mean stays where it was (a numeric feature far from
-                    # 0 no longer drags the intercept along with every step of its weight)
-                    means[j] = gV[r, k + COL_SUM] / seen
-                nr = gV[r, k + COL_SCALE]
+                nr = gV[cr[j], k + COL_SCALE]
                 if nr > 0.0:
                     xt = cx[j] / nr
                     norm += xt * xt
@@ -289,7 +282,11 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
                 nr = gV[r, k + COL_SCALE]
                 inv = 1.0 / nr if nr > 0.0 else 0.0
                 # gradients, L2 and clipping in the units of x / N (the parameters times N)
-                mean = means[j]
+                # learned as if x were centred on its mean: the step of w is taken on x - mean,
+                # and the intercept takes -step * mean, so that the prediction at the mean stays
+                # where it was (a number far from 0 no longer drags the intercept along with
+                # every step of its weight)
+                mean = (gV[r, k + COL_SUM] + x) * per_seen
                 gr = _clip(g * (x - mean) * inv + l2w * wr * nr, clip)
                 acc = gw[r] + gr * gr
                 nw = wr - rate * gr / math.sqrt(acc + acc0) * inv
@@ -345,8 +342,8 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
         else:
             bias[B_W0_REPORT] = new_w0
         if cal_centred:
-            bias[B_LIN_MEAN] += (lin - bias[B_LIN_MEAN]) / (step0 + s + 1)
-            bias[B_PAIR_MEAN] += (pair - bias[B_PAIR_MEAN]) / (step0 + s + 1)
+            bias[B_LIN_MEAN] += (lin - bias[B_LIN_MEAN]) * per_sample
+            bias[B_PAIR_MEAN] += (pair - bias[B_PAIR_MEAN]) * per_sample
         if normalized:
             bias[2] = new_tot
         if calibrate:
@@ -366,5 +363,3 @@ def learn(rows, vals, offsets, labels, step0, opt, hp, bias, w, V, gw, gV, last,
                     gV[r, f] = new_gV[j, f]
             if center:
                 gV[r, k + COL_SUM] += cx[j]
-                if cx[j] != 1.0:
-                    gV[r, k + COL_NUMERIC] = 1.0

@@ -87,7 +87,7 @@ def test_reports_are_the_calibrated_score_of_the_model_before_each_sample(averag
     (``average_intercept``, on by default with calibration), or w0 itself; with ``center`` the
     gains scale the parts' deviations from their running means."""
     stream = _ids_stream(1500, seed=1, signal=0.8, ctr=0.2)
-    plain = SparseFM(seed=4, calibrate=False)  # the same factorization machine, reporting y_hat
+    plain = SparseFM(seed=4, calibrate=False, center=center)  # the same machine, reporting y_hat
     ref = _Reference(centred=center)
     expected = []
     w0_report = 0.0
