@@ -185,6 +185,23 @@ def robustness(stream: datasets.Stream, y: np.ndarray, jobs: int) -> Robustness:
     return log_loss(sparse_fm()(stream), y), configs[best], scores[best], ablated
 
 
+def resampled(stream: datasets.Stream, y: np.ndarray, best: dict, n: int) -> None:
+    """How much of a small stream's gap is its one order and the model's one seed: the defaults
+    and the grid's best over ``n`` random orders of the stream, then over ``n`` seeds."""
+    rng = np.random.default_rng(0)
+    orders = [rng.permutation(len(stream)) for _ in range(n)]
+    for label, runs in (
+        (f"{n} random orders", [([stream[i] for i in o], y[o], {}) for o in orders]),
+        (f"{n} seeds", [(stream, y, {"seed": seed}) for seed in range(n)]),
+    ):
+        d = np.array([log_loss(sparse_fm(**extra)(s), ys) for s, ys, extra in runs])
+        b = np.array([log_loss(sparse_fm(**best, **extra)(s), ys) for s, ys, extra in runs])
+        print(
+            f"  over {label}: defaults {d.mean():.4f} (sd {d.std(ddof=1):.4f}), grid's best "
+            f"{b.mean():.4f}, gap {100 * (d.mean() / b.mean() - 1):+.2f}%, best ahead on {(b < d).sum()}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -193,6 +210,10 @@ def main() -> None:
     parser.add_argument("--no-grid", action="store_true", help="skip the robustness grid")
     parser.add_argument("--no-river-fm", action="store_true", help="skip river's FM (the slowest)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="processes for the grid")
+    parser.add_argument(
+        "--orders", type=int, default=0, help="on streams under 10,000 samples: the defaults against the "
+        "grid's best over this many random orders of the stream and seeds of the model",
+    )  # fmt: skip
     args = parser.parse_args()
     print(f"machine: {machine()}")
     chosen = {
@@ -221,6 +242,8 @@ def main() -> None:
             d, settings, b, ablated = robust[stream_name]
             print(f"  grid: defaults {d:.4f}, best {b:.4f} at {settings} ({100 * (d / b - 1):+.2f}%)")
             print("  defaults with " + ", ".join(f"{name}: {ll:.4f}" for name, ll in ablated.items()))
+            if args.orders and len(stream) < 10_000:
+                resampled(stream, y, settings, args.orders)
     report(table, robust)
     plot(curves)
 
