@@ -70,10 +70,10 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
         four numbers fitted online to the reports (see :mod:`stream_fm.updates`). None: on with
         ``"normalized"``, off with the others (whose reports are then the textbook sigma(y_hat)).
     center
-        The normalized optimizer learns a numeric feature's weight as if the feature were centred
-        on its running mean (the intercept takes the other side of each step): a number far from
-        0 (an age, a price) no longer drags the intercept with it. Indicators are left as they
-        are. None: on with ``"normalized"``.
+        The normalized optimizer learns each feature's weight as if the feature were centred on
+        its running mean (the intercept takes the other side of each step): a number far from 0
+        (an age, a price) no longer drags the intercept with it; an indicator's mean is its
+        frequency. None: on with ``"normalized"``.
     average_intercept
         Report with an average of w0 over the samples learned (the t-th weighing t) instead of
         w0 itself: the intercept's steps, large next to a rare click, no longer move

@@ -206,7 +206,7 @@ SETTINGS: tuple[Setting, ...] = (
         "center",
         bool,
         None,
-        "learn numeric features as if centred on their running mean (none: on with normalized)",
+        "learn each feature as if centred on its running mean (none: on with normalized)",
         "--center",
         optional=True,
     ),

@@ -36,7 +36,7 @@ them, and the offset then holds the report near the base rate; ``c_0`` discounts
 intercept's wandering (its AdaGrad steps shrink only as 1/sqrt(n)). This is what makes one default
 serve streams whose best learning rates differ several-fold (``benchmarks/bench_quality.py``).
 With ``center``, the gains scale the linear and pairwise parts' deviations from their running
-means, and the means pass at gain 1: centring leaves a numeric feature's mean effect in the
+means, and the means pass at gain 1: centring leaves a feature's mean effect in the
 linear part and its opposite in the intercept, and a gain that scaled one and not the other
 would break them apart (Phishing: 0.2827 -> 0.2789). With ``average_intercept`` (on by default
 with calibration) the intercept it reads is an average of w0 over the samples learned, the t-th
