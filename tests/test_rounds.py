@@ -9,7 +9,7 @@ from helpers import categorical_stream, state_equal
 
 from stream_fm import ConfigError, SparseFM
 from stream_fm.cluster.delta import Assembler, encode
-from stream_fm.cluster.rounds import fold_round, learn_round
+from stream_fm.cluster.rounds import RULES, fold_round, learn_round
 
 
 def _split(stream, parts: int):
@@ -82,7 +82,7 @@ def test_a_row_several_partitions_trained_takes_their_mean_and_every_growth():
     d2, _ = learn_round(base, [{"ad": "a1", "user": "u2"}] * 5, [False] * 5, partition=1, round_=0)
     i1, i2 = (_position(d, "ad=a1") for d in (d1, d2))
     fold_round(base, [d1, d2])
-    assert base._w[row] == (d1.arrays["w"][i1] + d2.arrays["w"][i2]) / 2
+    assert base._w[row] == pytest.approx((d1.arrays["w"][i1] + d2.arrays["w"][i2]) / 2, rel=1e-12)
     assert base._gw[row] == pytest.approx(gw0 + (d1.arrays["gw"][i1] - gw0) + (d2.arrays["gw"][i2] - gw0))
     assert base._w[row] != w0 and base.samples_seen == 30
     u1 = base._index.as_dict()["user=u1"]  # trained by partition 0 alone: its values as they are
@@ -115,3 +115,37 @@ def test_settings_that_depend_on_arrival_order_are_refused(setting, value):
         learn_round(model, [{"ad": "a"}], [True], partition=0, round_=0)
     with pytest.raises(ConfigError, match=setting):
         fold_round(model, [])
+
+
+def test_the_merge_rules_differ_only_on_rows_several_partitions_trained():
+    """mean, sqrt, sum: a shared row's weight is the base plus the sum of the partitions' changes
+    over m, sqrt(m) or 1; the accumulators are the base plus every growth whatever the rule."""
+    stream = categorical_stream(600, seed=8)
+    models = {rule: SparseFM(seed=0) for rule in RULES}
+    for rule, model in models.items():
+        model.learn_batch(*_xs_ys(stream[:300]))
+        parts = enumerate(_split(stream[300:], 2))
+        deltas = [learn_round(model, *_xs_ys(part), partition=p, round_=0)[0] for p, part in parts]
+        if rule == "mean":
+            shared = _shared_keys(deltas)
+            base_w = {key: model._w[model._index.as_dict()[key]] for key in shared}
+            changes = {
+                key: sum(d.arrays["w"][_position(d, key)] - base_w[key] for d in deltas) for key in shared
+            }
+        fold_round(model, deltas, rule=rule)
+    assert shared  # the two partitions share the frequent ids
+    for key in shared:
+        rows = {rule: model._index.as_dict()[key] for rule, model in models.items()}
+        for rule, divide in (("mean", 2), ("sqrt", np.sqrt(2)), ("sum", 1)):
+            want = base_w[key] + changes[key] / divide
+            assert models[rule]._w[rows[rule]] == pytest.approx(want, rel=1e-9, abs=1e-12), (rule, key)
+        assert models["mean"]._gw[rows["mean"]] == models["adagrad"]._gw[rows["adagrad"]]
+    with pytest.raises(ConfigError, match="rule"):
+        fold_round(SparseFM(), [], rule="median")
+
+
+def _shared_keys(deltas) -> list[str]:
+    from stream_fm.keyindex import decode_keys
+
+    sets = [set(decode_keys(d.arrays["key_bytes"], d.arrays["key_offsets"])) for d in deltas]
+    return sorted(set.intersection(*sets))

@@ -37,9 +37,13 @@ from stream_fm.keyindex import decode_keys
 from stream_fm.model import SparseFM
 from stream_fm.updates import COL_SCALE
 
-__all__ = ["ROW_ARRAYS", "check_model", "fold_round", "learn_round"]
+__all__ = ["ROW_ARRAYS", "RULES", "check_model", "fold_round", "learn_round"]
 
 ROW_ARRAYS = ("w", "V", "gw", "gV", "last")
+# how a row several partitions trained in a round merges their changes of w and V: their mean
+# (the default), their sum over sqrt(m) or their sum (m partitions), or each weighed by its share
+# of the round's growth of sum g^2 (VW's accumulate with AdaGrad weighting)
+RULES = ("mean", "sqrt", "sum", "adagrad")
 _DENSE_SUMS = [B_ACC, B_NORMS]  # per-sample sums in the dense state: the partitions' growths add
 
 
@@ -89,9 +93,12 @@ def learn_round(
     return Delta(partition, round_, arrays, meta), reports
 
 
-def fold_round(model: SparseFM, deltas: Sequence[Delta]) -> None:
-    """Fold one round's deltas (one per partition that learned) into ``model``, the base."""
+def fold_round(model: SparseFM, deltas: Sequence[Delta], rule: str = "mean") -> None:
+    """Fold one round's deltas (one per partition that learned) into ``model``, the base; rows
+    several partitions trained are merged by ``rule`` (one of ``RULES``)."""
     check_model(model)
+    if rule not in RULES:
+        raise ConfigError("rule", rule, f"one of {RULES}")
     deltas = sorted(deltas, key=lambda d: d.partition)
     if len({d.round for d in deltas}) > 1 or len({d.partition for d in deltas}) < len(deltas):
         raise ValueError("fold_round takes one delta per partition, all of one round")
@@ -102,18 +109,25 @@ def fold_round(model: SparseFM, deltas: Sequence[Delta]) -> None:
     at = {int(r): i for i, r in enumerate(shared)}
     base = {name: getattr(model, f"_{name}")[shared].copy() for name in ROW_ARRAYS}
     sums = {name: np.zeros_like(base[name]) for name in ("w", "V", "gw", "gV")}
+    weighted = {name: np.zeros_like(base[name]) for name in ("w", "V")}  # rule "adagrad"
     most = {"last": base["last"].copy(), "gV": base["gV"].copy()}  # latest stamp, largest scale
     for delta, where in zip(deltas, per_delta, strict=True):
         alone = np.isin(where, shared, invert=True)
         for name in ROW_ARRAYS:  # rows only this partition trained: its values as they are
             getattr(model, f"_{name}")[where[alone]] = delta.arrays[name][alone]
         idx = np.array([at[int(r)] for r in where[~alone]], np.int64)
+        after = {name: delta.arrays[name][~alone] for name in ROW_ARRAYS}
         for name in sums:
-            np.add.at(sums[name], idx, delta.arrays[name][~alone])
+            np.add.at(sums[name], idx, after[name])
         for name in most:
-            np.maximum.at(most[name], idx, delta.arrays[name][~alone])
+            np.maximum.at(most[name], idx, after[name])
+        if rule == "adagrad" and model._gw.shape[0]:  # each change weighed by its growth of sum g^2
+            k = model.n_factors
+            np.add.at(weighted["w"], idx, (after["gw"] - base["gw"][idx]) * (after["w"] - base["w"][idx]))
+            growth = after["gV"][:, :k] - base["gV"][idx, :k]
+            np.add.at(weighted["V"], idx, growth * (after["V"] - base["V"][idx]))
     if len(shared):
-        _merge_shared(model, shared, m, base, sums, most)
+        _merge_shared(model, shared, m, base, sums, most, weighted, rule)
     _merge_dense(model, base_bias, [d.arrays["bias"] for d in deltas])
     model.samples_seen += sum(d.meta["samples"] for d in deltas)
     model._counts[C_SKIPPED] += sum(d.meta["skipped"] for d in deltas)
@@ -140,18 +154,37 @@ def _merge_shared(
     base: dict[str, np.ndarray],
     sums: dict[str, np.ndarray],
     most: dict[str, np.ndarray],
+    weighted: dict[str, np.ndarray],
+    rule: str,
 ) -> None:
-    """Rows several partitions trained (``m`` of them each): parameters their mean; accumulators
-    and the sum of x the base plus every partition's growth; the largest scale, the latest stamp."""
-    model._w[shared] = sums["w"] / m
-    model._V[shared] = sums["V"] / m[:, None]
+    """Rows several partitions trained (``m`` of them each): the parameters by ``rule``; the
+    accumulators and the sum of x the base plus every partition's growth; the largest scale and
+    the latest stamp."""
+    k = model.n_factors
+    changes = {"w": sums["w"] - m * base["w"], "V": sums["V"] - m[:, None] * base["V"]}
+    if rule == "adagrad" and model._gw.shape[0]:
+        grown_w = sums["gw"] - m * base["gw"]
+        grown_v = sums["gV"][:, :k] - m[:, None] * base["gV"][:, :k]
+        # each partition's change weighed by its share of the round's growth of sum g^2
+        # (a coordinate nobody's gradient moved: the mean)
+        changes["w"] = np.where(
+            grown_w > 0, weighted["w"] / np.where(grown_w > 0, grown_w, 1), changes["w"] / m
+        )
+        mv = m[:, None]
+        changes["V"] = np.where(
+            grown_v > 0, weighted["V"] / np.where(grown_v > 0, grown_v, 1), changes["V"] / mv
+        )
+    else:
+        divide = {"mean": m, "sqrt": np.sqrt(m), "sum": np.ones_like(m)}.get(rule, m).astype(float)
+        changes = {"w": changes["w"] / divide, "V": changes["V"] / divide[:, None]}
+    model._w[shared] = base["w"] + changes["w"]
+    model._V[shared] = base["V"] + changes["V"]
     model._last[shared] = most["last"]
     if model._gw.shape[0]:
         model._gw[shared] = base["gw"] + (sums["gw"] - m * base["gw"])
         gV = base["gV"] + (sums["gV"] - m[:, None] * base["gV"])
-        if model._gV.shape[1] > model.n_factors:  # normalized: the scale N is a maximum
-            scale = model.n_factors + COL_SCALE
-            gV[:, scale] = most["gV"][:, scale]
+        if model._gV.shape[1] > k:  # normalized: the scale N is a maximum
+            gV[:, k + COL_SCALE] = most["gV"][:, k + COL_SCALE]
         model._gV[shared] = gV
 
 
