@@ -59,6 +59,11 @@ def check_model(model: SparseFM) -> None:
             raise ConfigError(name, getattr(model, name), f"{allowed} (cluster mode)")
 
 
+def _held(model: SparseFM) -> tuple[str, ...]:
+    """The per-row arrays ``model`` keeps (``"sgd"`` keeps no accumulators)."""
+    return tuple(name for name in ROW_ARRAYS if getattr(model, f"_{name}").shape[0])
+
+
 def learn_round(
     model: SparseFM, xs: Sequence[Mapping[str, Any]], ys: Sequence[Any], partition: int, round_: int
 ) -> tuple[Delta, np.ndarray]:
@@ -72,20 +77,21 @@ def learn_round(
         model._insert_missing(sample_rows, offsets, misses, lambda stop: None)
     encoded = (sample_rows, vals, offsets, [])  # every key has its row now, untouched if new
     rows = np.unique(sample_rows)
-    saved = {name: getattr(model, f"_{name}")[rows].copy() for name in ROW_ARRAYS}
+    held = _held(model)
+    saved = {name: getattr(model, f"_{name}")[rows].copy() for name in held}
     bias, counts = model._bias.copy(), model._counts.copy()
     start = model.samples_seen
     reports = model._learn_encoded(encoded, labels)
     trained = rows[model._last[rows] >= start]
     key_bytes, key_offsets = model._index.key_bytes(trained)
-    arrays = {name: getattr(model, f"_{name}")[trained].copy() for name in ROW_ARRAYS}
+    arrays = {name: getattr(model, f"_{name}")[trained].copy() for name in held}
     arrays.update(key_bytes=key_bytes, key_offsets=key_offsets, bias=model._bias.copy())
     meta = {
         "samples": len(xs),
         "skipped": int(model._counts[C_SKIPPED] - counts[C_SKIPPED]),
         "newly_trained": int(model._counts[C_TRAINED] - counts[C_TRAINED]),
     }
-    for name in ROW_ARRAYS:
+    for name in held:
         getattr(model, f"_{name}")[rows] = saved[name]
     model._bias[:] = bias
     model._counts[[C_SKIPPED, C_TRAINED]] = counts[[C_SKIPPED, C_TRAINED]]
@@ -107,21 +113,22 @@ def fold_round(model: SparseFM, deltas: Sequence[Delta], rule: str = "mean") -> 
     touched, count = np.unique(np.concatenate([np.empty(0, np.int64), *per_delta]), return_counts=True)
     shared, m = touched[count > 1], count[count > 1]
     at = {int(r): i for i, r in enumerate(shared)}
-    base = {name: getattr(model, f"_{name}")[shared].copy() for name in ROW_ARRAYS}
-    sums = {name: np.zeros_like(base[name]) for name in ("w", "V", "gw", "gV")}
+    held = _held(model)
+    base = {name: getattr(model, f"_{name}")[shared].copy() for name in held}
+    sums = {name: np.zeros_like(base[name]) for name in held if name != "last"}
     weighted = {name: np.zeros_like(base[name]) for name in ("w", "V")}  # rule "adagrad"
-    most = {"last": base["last"].copy(), "gV": base["gV"].copy()}  # latest stamp, largest scale
+    most = {name: base[name].copy() for name in ("last", "gV") if name in base}  # latest, largest
     for delta, where in zip(deltas, per_delta, strict=True):
         alone = np.isin(where, shared, invert=True)
-        for name in ROW_ARRAYS:  # rows only this partition trained: its values as they are
+        for name in held:  # rows only this partition trained: its values as they are
             getattr(model, f"_{name}")[where[alone]] = delta.arrays[name][alone]
         idx = np.array([at[int(r)] for r in where[~alone]], np.int64)
-        after = {name: delta.arrays[name][~alone] for name in ROW_ARRAYS}
+        after = {name: delta.arrays[name][~alone] for name in held}
         for name in sums:
             np.add.at(sums[name], idx, after[name])
         for name in most:
             np.maximum.at(most[name], idx, after[name])
-        if rule == "adagrad" and model._gw.shape[0]:  # each change weighed by its growth of sum g^2
+        if rule == "adagrad" and "gw" in held:  # each change weighed by its growth of sum g^2
             k = model.n_factors
             np.add.at(weighted["w"], idx, (after["gw"] - base["gw"][idx]) * (after["w"] - base["w"][idx]))
             growth = after["gV"][:, :k] - base["gV"][idx, :k]
@@ -139,11 +146,8 @@ def _rows_for(model: SparseFM, delta: Delta) -> np.ndarray:
     member does) to the keys it does not hold."""
     keys = decode_keys(delta.arrays["key_bytes"], delta.arrays["key_offsets"])
     rows, missing = model._index.lookup(keys)
-    if missing:
-        for i in missing:
-            model._new_row(keys[i])
-        model._init_new()
-        rows, _ = model._index.lookup(keys)
+    if missing:  # unbounded (check_model): every key is admitted, nothing to train first
+        model._insert_missing(rows, [0, len(rows)], [(i, keys[i]) for i in missing], lambda stop: None)
     return rows
 
 
@@ -162,7 +166,7 @@ def _merge_shared(
     the latest stamp."""
     k = model.n_factors
     changes = {"w": sums["w"] - m * base["w"], "V": sums["V"] - m[:, None] * base["V"]}
-    if rule == "adagrad" and model._gw.shape[0]:
+    if rule == "adagrad" and "gw" in base:
         grown_w = sums["gw"] - m * base["gw"]
         grown_v = sums["gV"][:, :k] - m[:, None] * base["gV"][:, :k]
         # each partition's change weighed by its share of the round's growth of sum g^2
@@ -174,13 +178,13 @@ def _merge_shared(
         changes["V"] = np.where(
             grown_v > 0, weighted["V"] / np.where(grown_v > 0, grown_v, 1), changes["V"] / mv
         )
-    else:
+    else:  # (adagrad without accumulators, "sgd": the mean)
         divide = {"mean": m, "sqrt": np.sqrt(m), "sum": np.ones_like(m)}.get(rule, m).astype(float)
         changes = {"w": changes["w"] / divide, "V": changes["V"] / divide[:, None]}
     model._w[shared] = base["w"] + changes["w"]
     model._V[shared] = base["V"] + changes["V"]
     model._last[shared] = most["last"]
-    if model._gw.shape[0]:
+    if "gw" in base:
         model._gw[shared] = base["gw"] + (sums["gw"] - m * base["gw"])
         gV = base["gV"] + (sums["gV"] - m[:, None] * base["gV"])
         if model._gV.shape[1] > k:  # normalized: the scale N is a maximum
