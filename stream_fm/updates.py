@@ -15,18 +15,18 @@ Three optimizers, chosen per model (``SparseFM(optimizer=...)``):
   linear weights': interactions are learned from pairs, which are seen more rarely. With
   ``center`` (on by default), a feature's weight is learned as if the feature were centred on
   its running mean (its sum of x over the samples so far, this one included, absent counted as
-  0): the step is taken
-  on ``x - mean`` and the intercept takes ``-step * mean``, so that an age or a price far from 0
-  no longer drags the intercept along with its weight (an ill-conditioned pair: census-like
-  table -2% log loss, ``benchmarks/bench_quality.py``). An indicator's mean is its frequency: a
-  rare id learns almost as without it, a feature in every sample leaves the base rate to the
-  intercept. All of its state is per-coordinate sums (accumulators, the samples' norms, the rows'
-  sums of x) or maxima (``N``), which merge by addition and by max.
+  0): the step is taken on ``x - mean`` and the intercept takes ``-step * mean``, so that an age
+  or a price far from 0 no longer drags the intercept along with its weight (an ill-conditioned
+  pair: census-like table -2% log loss, ``benchmarks/bench_quality.py``). An indicator's mean
+  is its frequency: a rare id learns almost as without it, a feature in every sample leaves the
+  base rate to the intercept. All of its state is per-coordinate sums (accumulators, the
+  samples' norms, the rows' sums of x) or maxima (``N``), which merge by addition and by max.
 - ``"adagrad"``: per-parameter rates ``learning_rate / sqrt(sum g^2)``.
 - ``"sgd"``: a constant rate (the reference's algorithm).
 
 Calibration (``SparseFM(calibrate=...)``, on by default with ``"normalized"``): what the model
-reports is ``sigma(c_0 * w0 + c_lin * lin + c_pair * pair + c_off)``, where ``lin`` and ``pair``
+reports is ``sigma(c_0 * w0 + c_lin * lin + c_pair * pair + c_off)`` (with the refinements of
+``center`` and ``average_intercept`` below: ``_kernels._score``), where ``lin`` and ``pair``
 are the linear and pairwise parts of y_hat and the four numbers are a logistic regression fitted
 online, one Newton step per sample, on the probabilities reported (stacking; the calibration
 layer of McMahan et al., "Ad click prediction: a view from the trenches", KDD 2013, sec. 7). The
@@ -127,8 +127,9 @@ def _calibration_step(bias, lin, pair, p, y, new, x, u):
     """One Newton step of the calibration on the sample just reported: ``new`` receives the four
     numbers and the inverse curvature after it (``bias[B_GAIN0:]``'s layout). ``x``, ``u``: scratch.
 
-    The calibration is a logistic regression on x = (w0, lin, pair, 1), fitted online under a
-    Gaussian prior: the curvature H gains p (1 - p) x x^T at this sample, and
+    The calibration is a logistic regression on x = (w0', lin - m_lin, pair - m_pair, 1) (the
+    reported intercept and the parts' deviations from their means, 0 without ``center``), fitted
+    online under a Gaussian prior: the curvature H gains p (1 - p) x x^T at this sample, and
     theta -= H^-1 (p - y) x. H^-1 is kept and updated by Sherman-Morrison (recursive least
     squares): with u = H^-1 x and d = 1 + p (1 - p) x.u, the new H^-1 is H^-1 - p (1 - p) u u^T / d
     and the step is (p - y) u / d. No solve, no square root: about fifty multiplications.
