@@ -64,6 +64,10 @@ class Joiner:
     def pending(self) -> int:
         return len(self._pending)
 
+    def ids(self) -> list[str]:
+        """The impression ids the join holds: pending, and remembered as closed."""
+        return [*self._pending, *self._closed]
+
     def impression(self, id: str, ts: float, features: dict[str, Any]) -> list[LabelledSample]:
         """Add an impression; returns the samples this closes (negatives past the watermark,
         overflow), possibly including this impression itself if it arrived too late."""

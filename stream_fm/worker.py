@@ -13,6 +13,7 @@ snapshot the positions are committed to Kafka as well (for lag tools; the snapsh
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import threading
@@ -36,7 +37,7 @@ from stream_fm.progress import Bar
 from stream_fm.quality import RollingQuality
 from stream_fm.sources import Batch, Positions, Record, Source
 
-__all__ = ["Worker", "WorkerConfig"]
+__all__ = ["Worker", "WorkerConfig", "join_values"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,54 @@ class Stats:
         return cls(
             Counter(d["events"]), Counter(d["bad_events"]), Counter(d["trained"]), d["newest_event_ts"]
         )
+
+
+def join_values(
+    values: Sequence[bytes | None],
+    joiner: Joiner,
+    max_bytes: int,
+    bad: Callable[[int, str, str], None],
+    xs: list[dict[str, Any]],
+    ys: list[bool],
+    counts: Counter,
+    offsets: Sequence[int] | None = None,
+    offset_of: dict[str, int] | None = None,
+) -> float | None:
+    """Decode and join one partition's consecutive records: the samples they make are appended to
+    ``xs`` and ``ys``, events counted by kind in ``counts``, bad ones handed to ``bad(index,
+    reason, detail)``; returns the newest event time of a sample made. With ``offset_of``, each
+    impression's offset (from ``offsets``) is kept by id (a cluster member re-reads from the
+    oldest one its join still holds when a partition moves)."""
+    newest = None
+    n_imp = n_click = n_sample = 0
+    for i, value in enumerate(values):
+        try:
+            event = decode(value, max_bytes)
+        except BadEvent as e:
+            bad(i, e.reason, e.detail)
+            continue
+        if type(event) is Impression:
+            n_imp += 1
+            if offset_of is not None and offsets is not None:
+                offset_of.setdefault(event.id, offsets[i])
+            out = joiner.impression(event.id, event.ts, event.features)
+        elif type(event) is Click:
+            n_click += 1
+            out = joiner.click(event.impression_id, event.ts)
+        else:
+            n_sample += 1
+            out = [(event.label, event.features, event.ts)]
+            if event.ts is not None:
+                out.extend(joiner.advance(event.ts))
+        for label, features, ts in out:
+            xs.append(features)
+            ys.append(label)
+            if ts is not None and (newest is None or ts > newest):
+                newest = ts
+    for kind, n in (("impression", n_imp), ("click", n_click), ("sample", n_sample)):
+        if n:
+            counts[kind] += n
+    return newest
 
 
 class Worker:
@@ -132,13 +181,7 @@ class Worker:
                 raise  # snapshots exist but none is valid: starting afresh would silently lose the model
             log.info("no snapshot in %s: starting a new model (%s)", self.config.snapshot_dir, e.reason)
             return
-        wanted = SparseFM(**self.config.model).get_config()
-        differs = {k: (v, wanted[k]) for k, v in model.get_config().items() if wanted[k] != v}
-        if differs:
-            detail = ", ".join(f"{k}: snapshot {a!r}, configured {b!r}" for k, (a, b) in differs.items())
-            raise ConfigError(
-                "model", detail, f"the settings of the snapshot in {snap.path} (or a new --snapshot-dir)"
-            )
+        self._check_settings(model, snap)
         self.model = model
         state = snap.extra_arrays.get("join_state")
         if state is not None:
@@ -161,6 +204,16 @@ class Worker:
             "restored %s: %d samples, %d features, %d pending impressions, positions %s",
             snap.name, model.samples_seen, model.n_features, self.joiner.pending, self._offsets_json(),
         )  # fmt: skip
+
+    def _check_settings(self, model: SparseFM, snap: snapshot.Snapshot) -> None:
+        """Refuse a snapshot whose model settings differ from the configured ones."""
+        wanted = SparseFM(**self.config.model).get_config()
+        differs = {k: (v, wanted[k]) for k, v in model.get_config().items() if wanted[k] != v}
+        if differs:
+            detail = ", ".join(f"{k}: snapshot {a!r}, configured {b!r}" for k, (a, b) in differs.items())
+            raise ConfigError(
+                "model", detail, f"the settings of the snapshot in {snap.path} (or a new --snapshot-dir)"
+            )
 
     def run(self, stop: threading.Event | None = None) -> None:
         """Process until ``stop`` is set or a finite source ends; then a final snapshot."""
@@ -218,39 +271,16 @@ class Worker:
         t = time.perf_counter()
         xs: list[dict[str, Any]] = []
         ys: list[bool] = []
+        counts: Counter = Counter()
         newest = None
-        joiner = self.joiner
-        max_bytes = self.config.max_message_bytes
-        n_imp = n_click = n_sample = 0
         for batch in batches:
-            for i, value in enumerate(batch.values):
-                try:
-                    event = decode(value, max_bytes)
-                except BadEvent as e:
-                    record = Record(batch.topic, batch.partition, batch.offsets[i], value, batch.keys[i])
-                    self._bad(record, e.reason, e.detail)
-                    continue
-                if type(event) is Impression:
-                    n_imp += 1
-                    out = joiner.impression(event.id, event.ts, event.features)
-                elif type(event) is Click:
-                    n_click += 1
-                    out = joiner.click(event.impression_id, event.ts)
-                else:
-                    n_sample += 1
-                    out = [(event.label, event.features, event.ts)]
-                    if event.ts is not None:
-                        out.extend(joiner.advance(event.ts))
-                for label, features, ts in out:
-                    xs.append(features)
-                    ys.append(label)
-                    if ts is not None and (newest is None or ts > newest):
-                        newest = ts
+            bad = functools.partial(self._bad_in, batch)
+            found = join_values(batch.values, self.joiner, self.config.max_message_bytes, bad, xs, ys, counts)
+            if found is not None and (newest is None or found > newest):
+                newest = found
             if batch.offsets:
                 self.positions[batch.topic, batch.partition] = batch.offsets[-1] + 1
-        for kind, n in (("impression", n_imp), ("click", n_click), ("sample", n_sample)):
-            if n:
-                self.stats.events[kind] += n
+        self.stats.events.update(counts)
         if xs:
             self._learn(xs, ys)
             if newest is not None:
@@ -276,8 +306,17 @@ class Worker:
         self.stats.trained["1"] += positives
         self.stats.trained["0"] += len(ys) - positives
 
+    def _bad_in(self, batch: Batch, i: int, reason: str, detail: str) -> None:
+        """The ``i``-th record of ``batch`` is bad."""
+        record = Record(batch.topic, batch.partition, batch.offsets[i], batch.values[i], batch.keys[i])
+        self._bad(record, reason, detail)
+
     def _bad(self, record: Record, reason: str, detail: str) -> None:
         self.stats.bad_events[reason] += 1
+        self._dead_letter(record, reason, detail)
+
+    def _dead_letter(self, record: Record, reason: str, detail: str) -> None:
+        """Send a bad record to the dead letters and say so (rate-limited)."""
         self.dead_letters.send(record, reason, detail)
         now = time.monotonic()
         if now - self._bad_logged >= 5.0:  # rate-limited: a flood of bad input must not flood the log
