@@ -32,7 +32,7 @@ import numpy as np
 
 from stream_fm.errors import ConfigError, DeltaError
 
-__all__ = ["ALLOWED_DTYPES", "FORMAT", "Assembler", "Delta", "encode"]
+__all__ = ["ALLOWED_DTYPES", "FORMAT", "Assembler", "Delta", "chunk_key", "encode"]
 
 FORMAT = 1
 PAYLOAD_MAGIC = b"SFMD"
@@ -153,13 +153,20 @@ class Assembler:
     """Reassembles deltas from their messages, checking every checksum on the way."""
 
     def __init__(self) -> None:
-        # (partition, round) -> (count, payload sha256, chunks by index)
-        self._partial: dict[tuple[int, int], tuple[int, str, dict[int, bytes]]] = {}
+        # (partition, round, payload sha256) -> (count, chunks by index); two different deltas of
+        # one partition and round (two members published it) assemble side by side, and which
+        # one counts is the reader's choice (cluster members take the first complete in the log)
+        self._partial: dict[tuple[int, int, str], tuple[int, dict[int, bytes]]] = {}
 
     @property
     def pending(self) -> list[tuple[int, int]]:
         """(partition, round) of the deltas whose chunks are not all in yet."""
-        return sorted(self._partial)
+        return sorted({key[:2] for key in self._partial})
+
+    def discard(self, below: int) -> None:
+        """Forget the chunks of rounds before ``below`` (folded already: never needed)."""
+        for key in [key for key in self._partial if key[1] < below]:
+            del self._partial[key]
 
     def add(self, message: bytes) -> Delta | None:
         """Take one message; return its delta when this was the last chunk missing, else None."""
@@ -176,10 +183,9 @@ class Assembler:
             raise DeltaError(f"{where}: its bytes do not match its sha256 (corrupt or truncated)")
         if not 0 <= index < count:
             raise DeltaError(f"{where}: index out of range (count {count})")
-        known = self._partial.setdefault(key, (count, digest, {}))
-        if known[:2] != (count, digest):
-            raise DeltaError(f"{where}: disagrees with earlier chunks of the same delta (count, sha256)")
-        chunks = known[2]
+        count_known, chunks = self._partial.setdefault((*key, digest), (count, {}))
+        if count_known != count:
+            raise DeltaError(f"{where}: disagrees with earlier chunks of the same delta (count)")
         if index in chunks:
             if chunks[index] != piece:
                 raise DeltaError(f"{where}: arrived twice with different bytes")
@@ -187,7 +193,7 @@ class Assembler:
         chunks[index] = piece
         if len(chunks) < count:
             return None
-        del self._partial[key]
+        del self._partial[(*key, digest)]
         payload = b"".join(chunks[i] for i in range(count))
         if hashlib.sha256(payload).hexdigest() != digest:
             raise DeltaError(f"partition {key[0]} round {key[1]}: the payload does not match its sha256")
@@ -195,6 +201,15 @@ class Assembler:
         if (delta.partition, delta.round) != key:
             raise DeltaError(f"{where}: the payload is of partition {delta.partition} round {delta.round}")
         return delta
+
+
+def chunk_key(message: bytes) -> tuple[int, int]:
+    """(partition, round) of a sync message, from its header alone (checksums unchecked)."""
+    header, _ = _split(message, CHUNK_MAGIC, "sync message")
+    try:
+        return int(header["partition"]), int(header["round"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DeltaError(f"a sync message's header is malformed: {e!r}") from e
 
 
 def _identical(a: np.ndarray, b: np.ndarray) -> bool:
