@@ -216,7 +216,7 @@ def _run(args: argparse.Namespace, config: Any) -> int:
         source = sources.KafkaSource(
             c.kafka.bootstrap_servers, c.kafka.topics, c.kafka.group_id,
             auto_offset_reset=c.kafka.auto_offset_reset, client_config=consumer_client,
-            max_records=c.worker.batch_size,
+            max_records=c.worker.batch_size, cluster=bool(c.cluster.sync_topic),
         )  # fmt: skip
         if c.kafka.dead_letter_topic:
             dead = deadletters.KafkaDeadLetters(c.kafka.bootstrap_servers, c.kafka.dead_letter_topic, client)
@@ -240,7 +240,11 @@ def _run(args: argparse.Namespace, config: Any) -> int:
         shutdown_timeout=c.worker.shutdown_timeout,
         model=c.model_kwargs(),
     )
-    worker = Worker(source, worker_config, dead)
+    worker: Worker
+    if c.cluster.sync_topic:
+        worker = _member(args, c, source, worker_config, dead)
+    else:
+        worker = Worker(source, worker_config, dead)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -259,6 +263,24 @@ def _run(args: argparse.Namespace, config: Any) -> int:
         if exporter is not None:
             exporter.stop()
     return EXIT_OK
+
+
+def _member(args: argparse.Namespace, c: Any, source: Any, worker_config: Any, dead: Any) -> Any:
+    """A cluster member (``cluster.sync_topic`` set): Kafka in, Kafka between members."""
+    from stream_fm.cluster.member import ClusterConfig, Member
+    from stream_fm.cluster.sync import SyncLog
+
+    if args.command != "run" or not c.kafka.bootstrap_servers:
+        raise ConfigError(
+            "cluster.sync_topic",
+            c.cluster.sync_topic,
+            "unset unless `stream-fm run` reads Kafka (bootstrap_servers)",
+        )
+    sync = SyncLog(c.kafka.bootstrap_servers, c.cluster.sync_topic, client_config=c.kafka_client_config())
+    cluster = ClusterConfig(
+        c.cluster.sync_topic, c.cluster.round_records, c.cluster.round_timeout, c.cluster.merge_rule
+    )
+    return Member(source, worker_config, cluster, sync, dead)
 
 
 def _produce(args: argparse.Namespace) -> int:

@@ -15,10 +15,17 @@ mistake that would otherwise go unseen: after every rebalance and every 30 s the
 the group, and while other members hold partitions it logs an ERROR naming them (client id, host,
 partitions) and reports the member count (the ``stream_fm_consumer_group_members`` metric).
 
+In cluster mode (``settings["cluster"]``) several members per group is the point, not a mistake:
+the check still counts members but logs nothing. A cluster member also moves partitions itself
+(``seek``): each seek carries an epoch, and every batch the epoch of its partition's last seek, so
+that the worker can drop batches fetched before the seek took effect.
+
 Messages, worker -> child: ``("ack",)`` (a batch was taken: fetch the next), ``("commit",
-positions)``, ``("pause",)``, ``("resume",)``, ``("stop",)``. Child -> worker: ``("batch",
-batches, meta)``, ``("meta", meta)``, where ``meta = (ready, assigned, lag, rebalanced, broker_up,
-group)`` and ``group = (members, others)``, ``others`` a tuple of (client id, host, partitions).
+positions)``, ``("seek", topic, partition, offset, epoch)``, ``("pause",)``, ``("resume",)``,
+``("stop",)``. Child -> worker: ``("batch", batches, meta)``, ``("meta", meta)``, where a batch is
+``(topic, partition, offsets, keys, values, epoch)``, ``meta = (ready, assigned, lag, rebalanced,
+broker_up, group)`` and ``group = (members, others)``, ``others`` a tuple of (client id, host,
+partitions).
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ class _Fetcher:
         self.conn = conn
         self.s = settings
         self.sent: Positions = dict(positions)  # next offset after what was handed over
+        self.epochs: dict[tuple[str, int], int] = {}  # the epoch of each partition's last seek
         self.parent = os.getppid()
         self.consumer: KafkaConsumer | None = None
         self.in_flight = 0
@@ -113,6 +121,8 @@ class _Fetcher:
                     self.in_flight -= 1
                 elif kind == "commit":
                     self._commit(msg[1])
+                elif kind == "seek":
+                    self._seek(*msg[1:])
                 elif kind == "pause":
                     self.paused = True
                 elif kind == "resume":
@@ -174,6 +184,7 @@ class _Fetcher:
                     [m.offset for m in messages],
                     [m.key for m in messages],
                     [m.value for m in messages],
+                    self.epochs.get((tp.topic, tp.partition), 0),
                 )
             )
             self.sent[(tp.topic, tp.partition)] = messages[-1].offset + 1
@@ -182,6 +193,14 @@ class _Fetcher:
             self.in_flight += 1
         else:
             self._send_meta()
+
+    def _seek(self, topic: str, partition: int, offset: int, epoch: int) -> None:
+        """Read ``topic``/``partition`` from ``offset`` on (now if assigned, else when it is)."""
+        self.sent[(topic, partition)] = offset
+        self.epochs[(topic, partition)] = epoch
+        tp = TopicPartition(topic, partition)
+        if self.consumer is not None and tp in self.consumer.assignment():
+            self.consumer.seek(tp, offset)
 
     def _check_group(self) -> None:
         """Describe the consumer group; log loudly while other members hold partitions."""
@@ -225,6 +244,8 @@ class _Fetcher:
         self.group = (len(members), others)
         said, when = self.group_said
         now = time.monotonic()
+        if self.s.get("cluster"):
+            return  # members of one cluster share the group by design
         if others and (others != said or now - when >= GROUP_REPEAT_SECONDS):
             mine_parts = sorted((tp.topic, tp.partition) for tp in self.consumer.assignment())
             listing = "; ".join(f"client id {c!r} on {h} holds {list(p)}" for c, h, p in others)

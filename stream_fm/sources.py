@@ -36,6 +36,7 @@ class Batch(NamedTuple):
     offsets: list[int]
     keys: list[bytes | None]
     values: list[bytes | None]
+    epoch: int = 0  # Kafka: the epoch of the partition's last seek (KafkaSource.seek)
 
 
 @dataclass(slots=True)
@@ -227,6 +228,7 @@ class KafkaSource(Source):
         auto_offset_reset: str = "earliest",
         client_config: Mapping[str, Any] | None = None,
         max_records: int = 5000,
+        cluster: bool = False,
     ) -> None:
         self.name = f"kafka:{','.join(topics)}"
         self.settings = {
@@ -236,6 +238,7 @@ class KafkaSource(Source):
             "auto_offset_reset": auto_offset_reset,
             "client_config": dict(client_config or {}),
             "max_records": max_records,
+            "cluster": cluster,
         }
         self._positions: Positions = {}
         self._child: Any = None
@@ -295,6 +298,11 @@ class KafkaSource(Source):
     def commit(self, positions: Positions) -> None:
         if positions:
             self._send(("commit", dict(positions)))
+
+    def seek(self, topic: str, partition: int, offset: int, epoch: int) -> None:
+        """Read the partition from ``offset`` on; its batches carry ``epoch`` from then on (a
+        batch with an older epoch was fetched before the seek: the caller drops it)."""
+        self._send(("seek", topic, partition, offset, epoch))
 
     def pause(self) -> None:
         super().pause()

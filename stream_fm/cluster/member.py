@@ -1,0 +1,440 @@
+"""A cluster member: one of several workers learning one model, with Kafka as the engine.
+
+The consumer group decides which member owns which partition of the events; the sync topic
+(:mod:`stream_fm.cluster.sync`) carries every partition's rounds to every member. Per loop::
+
+    sync topic -> deltas -> fold each round once every partition's delta is in (partition order)
+    events     -> owned partitions' records -> a round's records joined, learned on the base,
+                  undone, published as the partition's delta (rounds.learn_round)
+
+Round r of a partition is its next ``round_records`` records after round r - 1 (the first begins
+at the offset the cluster's genesis recorded), so boundaries depend on the log only. A member
+learns round r once the base holds every round before it (staleness 0): every member folds the
+same deltas in the same order, so all hold the same numbers, and the model does not depend on how
+many members there are or who owned what. A round closes early only when its partition stalls
+(no records for ``round_timeout`` seconds, nothing left to read): the end it reached is in the
+delta, so replay stays exact, but the model then depends on timing (docs/operations.md).
+
+Each partition's click join is its own: each delta records the lowest offset whose impression
+the join still holds (pending, or remembered as closed), and the event time reached; whoever owns
+the partition next re-reads from there, rebuilding the join without training anything, and goes
+on from the round boundary. The first delta of a round in the sync topic counts; a member that
+finds another's delta for a partition it owns rebuilds that partition from it.
+
+Snapshots hold the folded model, the sync topic's offset to replay from, and every partition's
+boundary; no join state (it is rebuilt from the log).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from stream_fm import snapshot
+from stream_fm.cluster import rounds
+from stream_fm.cluster.delta import Assembler, Delta, chunk_key
+from stream_fm.cluster.sync import GENESIS_MAGIC, SyncLog
+from stream_fm.deadletters import DeadLetters
+from stream_fm.errors import ConfigError, SnapshotError
+from stream_fm.join import Joiner
+from stream_fm.sources import KafkaSource, Record
+from stream_fm.worker import Worker, WorkerConfig, join_values
+
+__all__ = ["Boundary", "ClusterConfig", "Member"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClusterConfig:
+    sync_topic: str
+    round_records: int = 2000
+    round_timeout: float = 2.0
+    merge_rule: str = "mean"
+
+
+@dataclass
+class Boundary:
+    """Where a partition stands: its next round, where that round begins, and where a new owner
+    re-reads its join from (with the event time the join had reached)."""
+
+    round: int
+    start: int
+    low: int
+    max_ts: float | None = None
+
+
+@dataclass
+class _Held:
+    """A partition this member owns: its join and the records read past its round's start."""
+
+    index: int
+    sync_target: int  # the sync topic's end when it was assigned: read that far first
+    reading: bool = False
+    epoch: int = 0
+    joiner: Joiner | None = None
+    offset_of: dict[str, int] = field(default_factory=dict)
+    round: int = 0
+    start: int = 0
+    offsets: list[int] = field(default_factory=list)
+    keys: list[bytes | None] = field(default_factory=list)
+    values: list[bytes | None] = field(default_factory=list)
+    last_arrival: float = 0.0
+    refetch: int | None = None  # read ahead far enough: records from here on are read again later
+
+
+class Member(Worker):
+    """A worker that learns one model together with the other members of its consumer group."""
+
+    def __init__(
+        self,
+        source: KafkaSource,
+        config: WorkerConfig,
+        cluster: ClusterConfig,
+        sync: SyncLog,
+        dead_letters: DeadLetters | None = None,
+    ) -> None:
+        super().__init__(source, config, dead_letters)
+        rounds.check_model(self.model)
+        if cluster.merge_rule not in rounds.RULES:
+            raise ConfigError("cluster.merge_rule", cluster.merge_rule, f"one of {', '.join(rounds.RULES)}")
+        self.source: KafkaSource = source
+        self.cluster = cluster
+        self.sync = sync
+        self.id = uuid.uuid4().hex  # this process, in the deltas it publishes
+        self.genesis: dict[str, Any] | None = None
+        self.partitions: list[tuple[str, int]] = []  # a delta's partition number indexes this
+        self.index: dict[tuple[str, int], int] = {}
+        self.merged = 0  # rounds folded into the model (the next one to fold)
+        self.folded: dict[int, Boundary] = {}  # each partition after the rounds folded
+        self.seen: dict[int, Boundary] = {}  # ... after every delta read (folded or waiting)
+        self.waiting: dict[int, dict[int, Delta]] = {}  # round -> partition -> delta
+        self.first_at: dict[int, int] = {}  # round -> the sync offset of its first message read
+        self.sync_offset = 0  # where reading the sync topic begins (restored from a snapshot)
+        self.assembler = Assembler()
+        self.held: dict[int, _Held] = {}
+        self.delta_bytes = 0  # published by this member
+        self._epoch = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def restore(self) -> None:
+        try:
+            model, snap = snapshot.read_newest(self.config.snapshot_dir, snapshot.restore)
+        except SnapshotError as e:
+            if snapshot.list_snapshots(self.config.snapshot_dir):
+                raise
+            log.info(
+                "no snapshot in %s: replaying the sync topic from its start (%s)",
+                self.config.snapshot_dir,
+                e.reason,
+            )
+            return
+        state = snap.extra.get("cluster")
+        if state is None or state["sync_topic"] != self.cluster.sync_topic:
+            was = "a single worker's" if state is None else f"sync topic {state['sync_topic']!r}'s"
+            raise ConfigError(
+                "cluster.sync_topic",
+                self.cluster.sync_topic,
+                f"the cluster of the snapshots in {self.config.snapshot_dir} ({snap.name} is {was}); "
+                "give this member a snapshot directory of its own cluster, or an empty one",
+            )
+        self._check_settings(model, snap)
+        self.model = model
+        self._adopt(state["genesis"])
+        self.merged = state["merged"]
+        self.sync_offset = state["sync_offset"]
+        self.folded = {int(p): Boundary(**b) for p, b in state["parts"].items()}
+        self.seen = dict(self.folded)
+        self.stats = type(self.stats).from_json(snap.extra["stats"])
+        self.baseline = type(self.stats).from_json(snap.extra["stats"])
+        self.restored_from = snap.name
+        log.info(
+            "restored %s: round %d folded, %d samples, sync topic from offset %d",
+            snap.name,
+            self.merged - 1,
+            model.samples_seen,
+            self.sync_offset,
+        )
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        stop = stop or threading.Event()
+        self.restore()
+        self.sync.start(self.sync_offset)
+        if self.genesis is None:
+            self._begin()
+        self.source.start({})
+        last_progress = time.monotonic()
+        try:
+            while not stop.is_set():
+                self._read_sync(0.0)
+                self._follow_assignment()
+                idle = not self._poll()
+                self._close_rounds()
+                if idle:
+                    self._read_sync(0.02)
+                self._status()
+                self._maybe_snapshot()
+                self._commit_if_durable()
+                if time.monotonic() - last_progress >= self.config.progress_interval:
+                    last_progress = time.monotonic()
+                    self.log_progress()
+            self._catch_up()
+        finally:
+            self.snapshot_now("shutdown")
+            self.log_progress()
+            self.source.close()
+            self.sync.close()
+            self.dead_letters.close()
+            self.writer.close(self.config.shutdown_timeout)
+
+    def _begin(self) -> None:
+        """Join the cluster the sync topic's genesis describes (written now if there is none)."""
+        topics = self.source.settings["topics"]
+        proposal = {
+            "partitions": self.sync.partitions(topics),
+            "round_records": self.cluster.round_records,
+            "model": self.model.get_config(),
+        }
+        genesis, offset = self.sync.genesis(proposal)
+        self._adopt(genesis)
+        for i, (_, _, first) in enumerate(genesis["partitions"]):
+            self.folded[i] = self.seen[i] = Boundary(0, first, first)
+        self.sync_offset = offset + 1
+
+    def _adopt(self, genesis: dict[str, Any]) -> None:
+        """Take the cluster's genesis, refusing one made with other settings."""
+        ours = json.loads(json.dumps(self.model.get_config()))
+        wanted = {"round_records": self.cluster.round_records, "model": ours}
+        for key, value in wanted.items():
+            if genesis[key] != value:
+                raise ConfigError(
+                    f"cluster.{key}" if key == "round_records" else "model",
+                    json.dumps(value),
+                    f"the cluster's, as its sync topic {self.cluster.sync_topic!r} began: "
+                    f"{json.dumps(genesis[key])} (every member runs with the same settings)",
+                )
+        self.genesis = genesis
+        self.partitions = [(t, p) for t, p, _ in genesis["partitions"]]
+        self.index = {tp: i for i, tp in enumerate(self.partitions)}
+
+    def _catch_up(self, timeout: float = 30.0) -> None:
+        """Read the sync topic to its end and fold what is complete (shutdown: the final
+        snapshot then holds every round the cluster has finished)."""
+        end, deadline = self.sync.end(), time.monotonic() + timeout
+        while self.sync.position < end and time.monotonic() < deadline:
+            self._read_sync(0.2)
+
+    # ------------------------------------------------------------------ the sync topic
+
+    def _read_sync(self, timeout: float) -> None:
+        for offset, message in self.sync.poll(timeout):
+            if message[:4] == GENESIS_MAGIC:
+                continue
+            partition, round_ = chunk_key(message)
+            if round_ < self.merged or partition in self.waiting.get(round_, {}):
+                continue  # folded already, or a second copy of a delta that counts
+            self.first_at.setdefault(round_, offset)
+            delta = self.assembler.add(message)  # DeltaError: the member stops, nothing applied
+            if delta is not None and delta.partition not in self.waiting.get(delta.round, {}):
+                self._take(delta)  # (the first complete copy in the log counts)
+        while self._fold():
+            pass
+
+    def _take(self, delta: Delta) -> None:
+        p, meta = delta.partition, delta.meta
+        self.waiting.setdefault(delta.round, {})[p] = delta
+        if delta.round >= self.seen[p].round:
+            self.seen[p] = Boundary(delta.round + 1, meta["end"], meta["low"], meta["max_ts"])
+        held = self.held.get(p)
+        if held is not None and held.reading and meta["by"] != self.id:
+            log.warning(
+                "partition %s: round %d came from another member; rebuilding from it",
+                self.partitions[p],
+                delta.round,
+            )
+            held.reading, held.sync_target = False, self.sync.position
+
+    def _fold(self) -> bool:
+        """Fold the next round if every partition's delta is in."""
+        got = self.waiting.get(self.merged, {})
+        if len(got) < len(self.partitions):
+            return False
+        deltas = [got[p] for p in range(len(self.partitions))]
+        learned = [d for d in deltas if d.meta["samples"]]
+        if learned:
+            rounds.fold_round(self.model, learned, self.cluster.merge_rule)
+        for d in deltas:
+            m = d.meta
+            self.stats.events.update(m["events"])
+            self.stats.bad_events.update(m["bad"])
+            self.stats.trained.update(m["trained"])
+            if m["newest_ts"] is not None:
+                self.stats.newest_event_ts = max(m["newest_ts"], self.stats.newest_event_ts or m["newest_ts"])
+            self.folded[d.partition] = Boundary(d.round + 1, m["end"], m["low"], m["max_ts"])
+        del self.waiting[self.merged]
+        self.first_at.pop(self.merged, None)
+        self.merged += 1
+        self.assembler.discard(self.merged)
+        self.positions = {self.partitions[p]: b.start for p, b in self.folded.items()}
+        return True
+
+    # ------------------------------------------------------------------ owned partitions
+
+    def _follow_assignment(self) -> None:
+        assigned = {self.index[tp] for tp in self.source.assigned() if tp in self.index}
+        for p in [p for p in self.held if p not in assigned]:
+            del self.held[p]
+        for p in assigned - self.held.keys():
+            self.held[p] = _Held(p, self.sync.end())
+        for held in self.held.values():
+            if not held.reading and self.sync.position >= held.sync_target:
+                self._rebuild(held)
+
+    def _rebuild(self, held: _Held) -> None:
+        """Start reading a partition where the sync topic says it stands: re-read its join from
+        the boundary's low offset (nothing trained) and its next round from the boundary."""
+        b = self.seen[held.index]
+        joiner = Joiner(self.config.attribution_window, self.config.allowed_lateness, self.config.max_pending)
+        if b.max_ts is not None:
+            joiner.max_ts = b.max_ts  # nothing re-read moves event time: the join is as it was
+        held = self.held[held.index] = _Held(
+            held.index, held.sync_target, True, 0, joiner, round=b.round, start=b.start,
+            last_arrival=time.monotonic(),
+        )  # fmt: skip
+        self._seek(held, b.low)
+        log.info(
+            "partition %s: round %d from offset %d (join re-read from %d)",
+            self.partitions[held.index],
+            b.round,
+            b.start,
+            b.low,
+        )
+
+    def _poll(self) -> bool:
+        """Take the next records of owned partitions; False if none came.
+
+        A partition read two rounds ahead takes no more: its records are dropped and read again
+        once it needs them (a seek), which bounds memory without pausing the consumer
+        (kafka-python 3.0 stops fetching a partition that was paused and resumed: measured)."""
+        ahead = 2 * self.cluster.round_records
+        for held in self.held.values():
+            if held.refetch is not None and len(held.offsets) < self.cluster.round_records:
+                self._seek(held, held.refetch)
+        batches = self.source.poll(0.02, self.config.batch_size)
+        now = time.monotonic()
+        for batch in batches:
+            held = self.held.get(self.index.get((batch.topic, batch.partition), -1))
+            if held is None or not held.reading or batch.epoch != held.epoch or held.refetch is not None:
+                continue  # fetched before a seek, for a partition no longer ours, or too far ahead
+            held.last_arrival = now
+            cut = bisect.bisect_left(batch.offsets, held.start)
+            if cut:  # the join's re-read: before the round boundary, trained already
+                assert held.joiner is not None
+                join_values(batch.values[:cut], held.joiner, self.config.max_message_bytes, lambda *_: None,
+                            [], [], Counter(), batch.offsets, held.offset_of)  # fmt: skip
+            if cut < len(batch.offsets) and len(held.offsets) >= ahead:
+                held.refetch = batch.offsets[cut]
+                continue
+            held.offsets += batch.offsets[cut:]
+            held.keys += batch.keys[cut:]
+            held.values += batch.values[cut:]
+        return bool(batches)
+
+    def _seek(self, held: _Held, offset: int) -> None:
+        """Read the partition from ``offset`` on; batches fetched before are dropped (epochs)."""
+        self._epoch += 1
+        held.epoch, held.refetch = self._epoch, None
+        self.source.seek(*self.partitions[held.index], offset, held.epoch)
+
+    def _close_rounds(self) -> None:
+        for held in self.held.values():
+            if not held.reading or held.round != self.merged:
+                continue  # rebuilding, or its round is learned and the others' are not in yet
+            n = len(held.offsets)
+            if n >= self.cluster.round_records:
+                self._learn(held, self.cluster.round_records)
+            elif self._stalled(held) and (n or self._others_moved(held)):
+                self._learn(held, n)
+
+    def _stalled(self, held: _Held) -> bool:
+        lag = self.source.lag().get(self.partitions[held.index])
+        return lag == 0 and time.monotonic() - held.last_arrival >= self.cluster.round_timeout
+
+    def _others_moved(self, held: _Held) -> bool:
+        """Another partition's round had records (else an idle cluster would churn empty rounds)."""
+        return any(d.meta["records"] for d in self.waiting.get(held.round, {}).values())
+
+    def _learn(self, held: _Held, n: int) -> None:
+        """Join, learn and publish the partition's round from its next ``n`` records."""
+        topic, partition = self.partitions[held.index]
+        offsets, keys, values = held.offsets[:n], held.keys[:n], held.values[:n]
+        xs: list[dict[str, Any]] = []
+        ys: list[bool] = []
+        counts: Counter = Counter()
+        bad: Counter = Counter()
+
+        def dead(i: int, reason: str, detail: str) -> None:
+            bad[reason] += 1
+            self._dead_letter(Record(topic, partition, offsets[i], values[i], keys[i]), reason, detail)
+
+        assert held.joiner is not None
+        newest = join_values(
+            values, held.joiner, self.config.max_message_bytes, dead, xs, ys, counts, offsets, held.offset_of
+        )
+        if not self.dead_letters.flush():  # a published round is never re-read: its bad records first
+            log.error("dead letters undelivered: partition %s/%d rebuilt to retry", topic, partition)
+            held.reading, held.sync_target = False, self.sync.position
+            return
+        end = offsets[-1] + 1 if n else held.start
+        ids = held.joiner.ids()
+        held.offset_of = {i: held.offset_of[i] for i in ids}
+        low = min(held.offset_of.values(), default=end)
+        if xs:
+            delta, probs = rounds.learn_round(self.model, xs, ys, held.index, held.round)
+            self.quality.update(probs, np.array(ys, np.float64))
+        else:
+            delta = Delta(held.index, held.round, meta={"skipped": 0, "newly_trained": 0})
+        positives = sum(ys)
+        max_ts = held.joiner.max_ts if held.joiner.max_ts != float("-inf") else None
+        delta.meta.update(
+            samples=len(xs),
+            start=held.start, end=end, low=low, max_ts=max_ts, records=n, events=dict(counts),
+            bad=dict(bad), trained={"1": positives, "0": len(ys) - positives}, newest_ts=newest, by=self.id,
+        )  # fmt: skip
+        self.delta_bytes += self.sync.publish(delta)
+        held.round += 1
+        held.start = end
+        del held.offsets[:n], held.keys[:n], held.values[:n]
+
+    # ------------------------------------------------------------------ snapshots and status
+
+    def _extra(self) -> snapshot.Extra:
+        replay_from = min(self.first_at.values(), default=self.sync.position)
+        state = {
+            "sync_topic": self.cluster.sync_topic,
+            "genesis": self.genesis,
+            "merged": self.merged,
+            "sync_offset": replay_from,
+            "parts": {str(p): asdict(b) for p, b in self.folded.items()},
+        }
+        return snapshot.Extra(
+            meta={"stats": self.stats.to_json(), "source": self.source.name, "cluster": state},
+            offsets=self._offsets_json(),
+        )
+
+    def _status(self) -> None:
+        src = self.source
+        src.rebalanced = False  # partitions move between members: no snapshot for it
+        self.ready, self.broker_up, self.lag, self.assigned, self.group_members = (
+            src.ready, src.broker_up, src.lag(), src.assigned(), src.group_members(),
+        )  # fmt: skip
