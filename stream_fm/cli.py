@@ -210,9 +210,12 @@ def _run(args: argparse.Namespace, config: Any) -> int:
         dead = deadletters.FileDeadLetters(args.dead_letter_file) if args.dead_letter_file else None
     elif c.kafka.bootstrap_servers:
         client = c.kafka_client_config()
-        consumer_client = (
-            dict(client, group_instance_id=c.kafka.group_instance_id) if c.kafka.group_instance_id else client
+        session_ms = int(c.kafka.session_timeout * 1000)
+        consumer_client = dict(
+            client, session_timeout_ms=session_ms, heartbeat_interval_ms=min(3000, session_ms // 3)
         )
+        if c.kafka.group_instance_id:
+            consumer_client["group_instance_id"] = c.kafka.group_instance_id
         source = sources.KafkaSource(
             c.kafka.bootstrap_servers, c.kafka.topics, c.kafka.group_id,
             auto_offset_reset=c.kafka.auto_offset_reset, client_config=consumer_client,

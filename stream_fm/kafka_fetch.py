@@ -24,7 +24,8 @@ Messages, worker -> child: ``("ack",)`` (a batch was taken: fetch the next), ``(
 positions)``, ``("seek", topic, partition, offset, epoch)``, ``("pause",)``, ``("resume",)``,
 ``("stop",)``. Child -> worker: ``("batch", batches, meta)``, ``("meta", meta)``, where a batch is
 ``(topic, partition, offsets, keys, values, epoch)``, ``meta = (ready, assigned, lag, rebalanced,
-broker_up, group)`` and ``group = (members, others)``, ``others`` a tuple of (client id, host,
+broker_up, group, epochs)`` (``lag`` counts from the position of each partition's last seek, whose
+epoch ``epochs`` gives) and ``group = (members, others)``, ``others`` a tuple of (client id, host,
 partitions).
 """
 
@@ -104,6 +105,8 @@ class _Fetcher:
                 if self.in_flight >= PREFETCH:
                     continue
                 self._fetch()
+        except (BrokenPipeError, ConnectionResetError):
+            return  # the worker went away mid-send: nobody will take what we fetch
         finally:
             if self.consumer is not None:
                 self.consumer.close(autocommit=False)
@@ -301,7 +304,7 @@ class _Fetcher:
                 lag[(topic, partition)] = max(0, end - pos)
         rebalanced, self.rebalanced = self.rebalanced, False
         up = self._reachable()
-        return (up and bool(assigned), assigned, lag, rebalanced, up, self.group)
+        return (up and bool(assigned), assigned, lag, rebalanced, up, self.group, dict(self.epochs))
 
     def _send_meta(self) -> None:
         """Tell the worker about readiness and lag when they change, or every second."""

@@ -66,7 +66,7 @@ SETTINGS: tuple[Setting, ...] = (
         "--bootstrap-servers",
     ),
     S("kafka", "topics", list, [], "topics to consume", "--topic"),
-    S("kafka", "group_id", str, "", "consumer group (one worker per group)", "--group-id"),
+    S("kafka", "group_id", str, "", "consumer group (one worker per group, or a cluster)", "--group-id"),
     S(
         "kafka",
         "group_instance_id",
@@ -74,6 +74,16 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         "static membership: a stable name, e.g. the pod's",
         "--group-instance-id",
+    ),
+    S(
+        "kafka",
+        "session_timeout",
+        float,
+        45.0,
+        "seconds without a heartbeat before the group gives a member's partitions to others",
+        "--session-timeout",
+        min=6,
+        max=1800,
     ),
     S(
         "kafka",

@@ -243,9 +243,9 @@ class KafkaSource(Source):
         self._positions: Positions = {}
         self._child: Any = None
         self._conn: Any = None
-        # (ready, assigned, lag, rebalanced, broker up, (group members, others)), as the child
-        # last reported
-        self._meta: tuple[Any, ...] = (False, [], {}, False, False, (1, ()))
+        # (ready, assigned, lag, rebalanced, broker up, (group members, others), seek epochs), as
+        # the child last reported
+        self._meta: tuple[Any, ...] = (False, [], {}, False, False, (1, ()), {})
 
     def start(self, positions: Positions) -> None:
         # the worker's own dict, updated as it learns: a restarted child resumes from it
@@ -334,6 +334,11 @@ class KafkaSource(Source):
 
     def lag(self) -> dict[tuple[str, int], int]:
         return dict(self._meta[2])
+
+    def epochs(self) -> dict[tuple[str, int], int]:
+        """The epoch of each partition's last seek as the consumer last reported: its ``lag``
+        counts from that seek's position on."""
+        return dict(self._meta[6])
 
     def close(self) -> None:
         if self._child is None:

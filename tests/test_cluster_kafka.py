@@ -3,14 +3,18 @@ learn one model, and the model is the same whatever their number (issue 13)."""
 
 from __future__ import annotations
 
+import json
+import random
 import signal
+import struct
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers import stream_fm_process
-from test_worker_kafka import LATENESS, WINDOW, end_offsets, make_stream, produce, wait_until
+from test_worker_kafka import LATENESS, WINDOW, Trickle, end_offsets, make_stream, produce, wait_until
 
 from stream_fm import snapshot
 
@@ -19,14 +23,18 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PARTITIONS = 6
 
 
-def produce_stream(kafka, topic: str, n: int, seed: int) -> dict[int, int]:
+def stream_messages(n: int, seed: int) -> tuple[list[tuple[bytes | None, bytes]], int]:
     """``n`` impressions with their clicks (keyed by impression id, so each impression and its
-    clicks share a partition), then one impression far in the future on every partition, which
-    closes every window there; returns the end offset of each partition."""
+    clicks share a partition), and the number of distinct impressions, each to be trained once."""
+    stream = make_stream(n, seed)
+    return stream.messages, len(stream.impressions)
+
+
+def close_windows(kafka, topic: str) -> dict[int, int]:
+    """One impression far in the future on every partition (it closes every window there);
+    returns the end offset of each partition."""
     from kafka import KafkaProducer
 
-    stream = make_stream(n, seed)
-    produce(kafka.bootstrap, topic, stream.messages)
     producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
     for p in range(PARTITIONS):
         event = b'{"type":"impression","id":"end-%d","ts":1e9,"features":{"ad":"a0"}}' % p
@@ -36,12 +44,23 @@ def produce_stream(kafka, topic: str, n: int, seed: int) -> dict[int, int]:
     return end_offsets(kafka.bootstrap, topic)
 
 
-def member_args(kafka, topic: str, sync: str, group: str, root: Path, name: str) -> list[str]:
+def new_topic(kafka, prefix: str, partitions: int = PARTITIONS) -> str:
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    admin = KafkaAdminClient(bootstrap_servers=kafka.bootstrap)
+    name = f"{prefix}-{random.randrange(1 << 30):08x}"
+    admin.create_topics([NewTopic(name, partitions, 1)])
+    admin.close()
+    time.sleep(1)
+    return name
+
+
+def member_args(kafka, topic: str, sync: str, root: Path, round_timeout: float = 1.0) -> list[str]:
     return [
-        "run", "--bootstrap-servers", kafka.bootstrap, "--topic", topic, "--group-id", group,
-        "--sync-topic", sync, "--round-records", "400", "--round-timeout", "1",
+        "run", "--bootstrap-servers", kafka.bootstrap, "--topic", topic, "--group-id", sync,
+        "--sync-topic", sync, "--round-records", "400", "--round-timeout", str(round_timeout),
         "--snapshot-dir", str(root), "--snapshot-interval", "0.5", "--batch-size", "500",
-        "--group-instance-id", f"{group}-{name}", "--metrics-port", "0",
+        "--session-timeout", "6", "--metrics-port", "0",
         "--attribution-window", str(WINDOW), "--allowed-lateness", str(LATENESS), "--progress-interval", "2",
     ]  # fmt: skip
 
@@ -70,41 +89,191 @@ def by_key(root: Path) -> tuple[dict[str, bytes], dict[str, object]]:
     return out, dense
 
 
+def start(
+    kafka, topic: str, sync: str, root: Path, log: Path, round_timeout: float = 1.0
+) -> subprocess.Popen:
+    return stream_fm_process(member_args(kafka, topic, sync, root, round_timeout), log)
+
+
+def publishers(kafka, sync: str) -> set[str]:
+    """The members (process ids) whose deltas the sync topic holds."""
+    from kafka import KafkaConsumer
+
+    from stream_fm.cluster.delta import Assembler
+
+    reader = KafkaConsumer(
+        sync, bootstrap_servers=kafka.bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=3000
+    )
+    assembler, out = Assembler(), set()
+    for m in reader:
+        if m.value[:4] == b"SFMC" and (delta := assembler.add(m.value)) is not None:
+            out.add(delta.meta["by"])
+    reader.close()
+    return out
+
+
+def wait_folded(root: Path, topic: str, ends: dict[int, int], proc: subprocess.Popen) -> None:
+    done = lambda: folded_to(root, topic) == ends  # noqa: E731
+    wait_until(done, 300, f"{root.name} to fold the whole topic", proc)
+
+
+def wait_progress(root: Path, topic: str, at_least: int, proc: subprocess.Popen) -> None:
+    """Until the member's newest snapshot has folded ``at_least`` records of the topic."""
+    done = lambda: sum(folded_to(root, topic).values()) >= at_least  # noqa: E731
+    wait_until(done, 300, f"{root.name} to fold {at_least} records", proc)
+
+
+def stop(procs: list[subprocess.Popen], log: Path) -> None:
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        assert proc.wait(timeout=60) == 0, log.read_text()[-4000:]
+
+
 def run_cluster(kafka, topic: str, sync: str, ends: dict[int, int], roots: list[Path], log: Path) -> None:
     """``len(roots)`` members (one snapshot directory each) until each has folded the topic."""
-    group = sync
     procs: list[subprocess.Popen] = []
     try:
-        for i, root in enumerate(roots):
-            procs.append(stream_fm_process(member_args(kafka, topic, sync, group, root, f"m{i}"), log))
+        procs += [start(kafka, topic, sync, root, log) for root in roots]
         for root, proc in zip(roots, procs, strict=True):
-            done = lambda r=root: folded_to(r, topic) == ends  # noqa: E731
-            wait_until(done, 300, f"{root.name} to fold the topic", proc)
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            assert proc.wait(timeout=60) == 0, log.read_text()[-4000:]
+            wait_folded(root, topic, ends, proc)
+        stop(procs, log)
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
 
 
-def test_one_two_and_three_members_learn_the_same_model_bit_for_bit(kafka, topic_factory, tmp_path):
-    topic = topic_factory(PARTITIONS, "events")
-    ends = produce_stream(kafka, topic, 30_000, seed=11)
-    runs = {}
-    for members in (1, 2, 3):
-        sync = topic_factory(1, f"sync{members}")
-        roots = [tmp_path / f"n{members}-m{i}" for i in range(members)]
-        run_cluster(kafka, topic, sync, ends, roots, tmp_path / f"n{members}.log")
-        runs[members] = [by_key(root) for root in roots]
-    (reference_rows, reference_dense), *_ = runs[1]
-    assert len(reference_rows) > 300 and reference_dense["samples_seen"] > 25_000
-    for members, models in runs.items():
-        for i, (rows, dense) in enumerate(models):
-            assert dense == reference_dense, f"{members} members, member {i}: dense state or counters differ"
-            differ = [k for k in reference_rows if rows.get(k) != reference_rows[k]]
-            assert rows.keys() == reference_rows.keys() and not differ, (
-                f"{members} members, member {i}: {len(differ)} keys differ, e.g. {differ[:5]}"
-            )
+def assert_same(got: tuple[dict, dict], reference: tuple[dict, dict], what: str) -> None:
+    rows, dense = got
+    reference_rows, reference_dense = reference
+    assert dense == reference_dense, f"{what}: dense state or counters differ"
+    differ = [k for k in reference_rows if rows.get(k) != reference_rows[k]]
+    assert rows.keys() == reference_rows.keys(), f"{what}: other keys"
+    assert not differ, f"{what}: {len(differ)} keys differ: {differ[:5]}"
+
+
+@pytest.fixture(scope="module")
+def stream(kafka):
+    """One stream of 30,000 impressions on six partitions, all of it in the topic."""
+    topic = new_topic(kafka, "cluster-events")
+    messages, impressions = stream_messages(30_000, seed=11)
+    produce(kafka.bootstrap, topic, messages)
+    return topic, close_windows(kafka, topic), impressions
+
+
+def single_member(kafka, topic: str, ends: dict[int, int], impressions: int, root: Path) -> tuple[dict, dict]:
+    """The model one member learns from the whole topic (each impression trained once)."""
+    root.mkdir(parents=True, exist_ok=True)
+    run_cluster(kafka, topic, new_topic(kafka, "sync-ref", 1), ends, [root / "m0"], root / "m.log")
+    model = by_key(root / "m0")
+    trained = model[1]["stats"]["trained"]
+    assert trained["0"] + trained["1"] == impressions == model[1]["samples_seen"]
+    assert len(model[0]) > 300
+    return model
+
+
+@pytest.fixture(scope="module")
+def reference(kafka, stream, tmp_path_factory):
+    topic, ends, impressions = stream
+    return single_member(kafka, topic, ends, impressions, tmp_path_factory.mktemp("reference"))
+
+
+@pytest.mark.parametrize("members", [2, 3])
+def test_two_and_three_members_learn_the_single_members_model_bit_for_bit(
+    kafka, stream, reference, topic_factory, tmp_path, members
+):
+    topic, ends, _ = stream
+    sync = topic_factory(1, "sync")
+    roots = [tmp_path / f"m{i}" for i in range(members)]
+    run_cluster(kafka, topic, sync, ends, roots, tmp_path / "members.log")
+    for i, root in enumerate(roots):
+        assert_same(by_key(root), reference, f"{members} members, member {i}")
+
+
+def test_kill_9_of_a_member_mid_stream_and_its_restart_change_nothing(
+    kafka, stream, reference, topic_factory, tmp_path
+):
+    topic, ends, _ = stream
+    total = sum(ends.values())
+    sync, log = topic_factory(1, "sync"), tmp_path / "members.log"
+    roots = [tmp_path / "m0", tmp_path / "m1"]
+    procs = [start(kafka, topic, sync, root, log) for root in roots]
+    try:
+        wait_progress(roots[1], topic, total // 5, procs[1])
+        time.sleep(random.uniform(0.0, 0.5))
+        procs[1].send_signal(signal.SIGKILL)
+        procs[1].wait()
+        killed_at = sum(folded_to(roots[0], topic).values())
+        # the survivor takes the dead member's partitions (after the session timeout) and goes on
+        wait_progress(roots[0], topic, min(total, killed_at + 1), procs[0])
+        procs[1] = start(kafka, topic, sync, roots[1], log)  # from its own snapshot
+        for root, proc in zip(roots, procs, strict=True):
+            wait_folded(root, topic, ends, proc)
+        stop(procs, log)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert "rebuilding" in log.read_text() or "join re-read from" in log.read_text()
+    for i, root in enumerate(roots):
+        assert_same(by_key(root), reference, f"member {i}")
+
+
+def test_a_member_joins_mid_stream_and_another_leaves_with_sigterm(kafka, topic_factory, tmp_path):
+    # the stream arrives while they learn (a trickle, steady enough that no round closes early:
+    # round_timeout 5 s), so that the second member joins a cluster with work left
+    topic = new_topic(kafka, "trickled-events")
+    messages, impressions = stream_messages(30_000, seed=12)
+    trickle = Trickle(kafka.bootstrap, topic, messages)
+    sync, log = topic_factory(1, "sync"), tmp_path / "members.log"
+    first, second = tmp_path / "m0", tmp_path / "m1"
+    procs = [start(kafka, topic, sync, first, log, round_timeout=5.0)]
+    try:
+        trickle.start(per_step=60, step_seconds=0.02, keep=0)
+        wait_progress(first, topic, 2000, procs[0])
+        procs.append(start(kafka, topic, sync, second, log, round_timeout=5.0))  # joins
+        wait_progress(second, topic, 15_000, procs[1])
+        stop(procs[:1], log)  # leaves: the second takes everything
+        trickle.stop()
+        trickle.send()
+        ends = close_windows(kafka, topic)
+        wait_folded(second, topic, ends, procs[1])
+        stop(procs[1:], log)
+    finally:
+        trickle.close()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert len(publishers(kafka, sync)) == 2, "both members published rounds"
+    alone = single_member(kafka, topic, ends, impressions, tmp_path / "alone")
+    assert_same(by_key(second), alone, "the member that stayed")
+
+
+def test_a_corrupt_sync_message_stops_the_member_with_a_clear_error(kafka, stream, topic_factory, tmp_path):
+    from kafka import KafkaConsumer, KafkaProducer
+
+    topic = stream[0]
+    sync, log, root = topic_factory(1, "sync"), tmp_path / "member.log", tmp_path / "m0"
+    proc = start(kafka, topic, sync, root, log)
+    try:
+        wait_progress(root, topic, 1, proc)
+        reader = KafkaConsumer(sync, bootstrap_servers=kafka.bootstrap, auto_offset_reset="earliest")
+        chunk = next(m.value for m in reader if m.value[:4] == b"SFMC")  # a real chunk of a delta
+        reader.close()
+        (length,) = struct.unpack_from("<I", chunk, 4)
+        header = json.loads(chunk[8 : 8 + length])
+        header["round"] += 9999  # a round still to come: the member takes it in
+        body, piece = json.dumps(header).encode(), bytearray(chunk[8 + length :])
+        piece[len(piece) // 2] ^= 1  # one bit flipped
+        damaged = chunk[:4] + struct.pack("<I", len(body)) + body + bytes(piece)
+        writer = KafkaProducer(bootstrap_servers=kafka.bootstrap)
+        writer.send(sync, damaged).get(30)
+        writer.close()
+        assert proc.wait(timeout=120) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert "do not match its sha256 (corrupt or truncated)" in text, text[-3000:]
+    snapshot.read(root / snapshot.latest_name(root))  # the last snapshot is whole and verifies

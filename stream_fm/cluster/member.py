@@ -353,7 +353,7 @@ class Member(Worker):
     def _seek(self, held: _Held, offset: int) -> None:
         """Read the partition from ``offset`` on; batches fetched before are dropped (epochs)."""
         self._epoch += 1
-        held.epoch, held.refetch = self._epoch, None
+        held.epoch, held.refetch, held.last_arrival = self._epoch, None, time.monotonic()
         self.source.seek(*self.partitions[held.index], offset, held.epoch)
 
     def _close_rounds(self) -> None:
@@ -367,8 +367,14 @@ class Member(Worker):
                 self._learn(held, n)
 
     def _stalled(self, held: _Held) -> bool:
-        lag = self.source.lag().get(self.partitions[held.index])
-        return lag == 0 and time.monotonic() - held.last_arrival >= self.cluster.round_timeout
+        """Nothing left to read (as the consumer reported after the partition's last seek: records
+        dropped for reading ahead do not count as read) and nothing came for round_timeout."""
+        tp = self.partitions[held.index]
+        if held.refetch is not None or self.source.epochs().get(tp) != held.epoch:
+            return False
+        if self.source.lag().get(tp) != 0:  # records left, or not known yet
+            return False
+        return time.monotonic() - held.last_arrival >= self.cluster.round_timeout
 
     def _others_moved(self, held: _Held) -> bool:
         """Another partition's round had records (else an idle cluster would churn empty rounds)."""
