@@ -28,28 +28,28 @@ boundary; no join state (it is rebuilt from the log).
 from __future__ import annotations
 
 import bisect
-import json
 import logging
 import threading
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from stream_fm import snapshot
 from stream_fm.cluster import rounds
-from stream_fm.cluster.delta import Assembler, Delta, chunk_key
-from stream_fm.cluster.sync import GENESIS_MAGIC, SyncLog
+from stream_fm.cluster.delta import Delta
+from stream_fm.cluster.ledger import Ledger
+from stream_fm.cluster.sync import SyncLog
 from stream_fm.deadletters import DeadLetters
 from stream_fm.errors import ConfigError, SnapshotError
 from stream_fm.join import Joiner
 from stream_fm.sources import KafkaSource, Record
 from stream_fm.worker import Worker, WorkerConfig, join_values
 
-__all__ = ["Boundary", "ClusterConfig", "Member"]
+__all__ = ["ClusterConfig", "Member"]
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +60,6 @@ class ClusterConfig:
     round_records: int = 2000
     round_timeout: float = 2.0
     merge_rule: str = "mean"
-
-
-@dataclass
-class Boundary:
-    """Where a partition stands: its next round, where that round begins, and where a new owner
-    re-reads its join from (with the event time the join had reached)."""
-
-    round: int
-    start: int
-    low: int
-    max_ts: float | None = None
 
 
 @dataclass
@@ -111,19 +100,17 @@ class Member(Worker):
         self.cluster = cluster
         self.sync = sync
         self.id = uuid.uuid4().hex  # this process, in the deltas it publishes
-        self.genesis: dict[str, Any] | None = None
-        self.partitions: list[tuple[str, int]] = []  # a delta's partition number indexes this
-        self.index: dict[tuple[str, int], int] = {}
-        self.merged = 0  # rounds folded into the model (the next one to fold)
-        self.folded: dict[int, Boundary] = {}  # each partition after the rounds folded
-        self.seen: dict[int, Boundary] = {}  # ... after every delta read (folded or waiting)
-        self.waiting: dict[int, dict[int, Delta]] = {}  # round -> partition -> delta
-        self.first_at: dict[int, int] = {}  # round -> the sync offset of its first message read
+        self._ledger: Ledger | None = None  # the sync topic as read (from its genesis on)
         self.sync_offset = 0  # where reading the sync topic begins (restored from a snapshot)
-        self.assembler = Assembler()
         self.held: dict[int, _Held] = {}
         self.delta_bytes = 0  # published by this member
         self._epoch = 0
+
+    @property
+    def ledger(self) -> Ledger:
+        """What the member has read of the sync topic (from the start of :meth:`run`)."""
+        assert self._ledger is not None, "the member has not joined its cluster yet"
+        return self._ledger
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -150,18 +137,16 @@ class Member(Worker):
             )
         self._check_settings(model, snap)
         self.model = model
-        self._adopt(state["genesis"])
-        self.merged = state["merged"]
+        self._ledger = Ledger.from_state(state)
+        self.ledger.check(self.cluster.sync_topic, self.cluster.round_records, model.get_config())
         self.sync_offset = state["sync_offset"]
-        self.folded = {int(p): Boundary(**b) for p, b in state["parts"].items()}
-        self.seen = dict(self.folded)
         self.stats = type(self.stats).from_json(snap.extra["stats"])
         self.baseline = type(self.stats).from_json(snap.extra["stats"])
         self.restored_from = snap.name
         log.info(
             "restored %s: round %d folded, %d samples, sync topic from offset %d",
             snap.name,
-            self.merged - 1,
+            self.ledger.merged - 1,
             model.samples_seen,
             self.sync_offset,
         )
@@ -170,7 +155,7 @@ class Member(Worker):
         stop = stop or threading.Event()
         self.restore()
         self.sync.start(self.sync_offset)
-        if self.genesis is None:
+        if self._ledger is None:
             self._begin()
         self.source.start({})
         last_progress = time.monotonic()
@@ -199,33 +184,15 @@ class Member(Worker):
 
     def _begin(self) -> None:
         """Join the cluster the sync topic's genesis describes (written now if there is none)."""
-        topics = self.source.settings["topics"]
         proposal = {
-            "partitions": self.sync.partitions(topics),
+            "partitions": self.sync.partitions(self.source.settings["topics"]),
             "round_records": self.cluster.round_records,
             "model": self.model.get_config(),
         }
         genesis, offset = self.sync.genesis(proposal)
-        self._adopt(genesis)
-        for i, (_, _, first) in enumerate(genesis["partitions"]):
-            self.folded[i] = self.seen[i] = Boundary(0, first, first)
+        self._ledger = Ledger(genesis)
+        self.ledger.check(self.cluster.sync_topic, self.cluster.round_records, self.model.get_config())
         self.sync_offset = offset + 1
-
-    def _adopt(self, genesis: dict[str, Any]) -> None:
-        """Take the cluster's genesis, refusing one made with other settings."""
-        ours = json.loads(json.dumps(self.model.get_config()))
-        wanted = {"round_records": self.cluster.round_records, "model": ours}
-        for key, value in wanted.items():
-            if genesis[key] != value:
-                raise ConfigError(
-                    f"cluster.{key}" if key == "round_records" else "model",
-                    json.dumps(value),
-                    f"the cluster's, as its sync topic {self.cluster.sync_topic!r} began: "
-                    f"{json.dumps(genesis[key])} (every member runs with the same settings)",
-                )
-        self.genesis = genesis
-        self.partitions = [(t, p) for t, p, _ in genesis["partitions"]]
-        self.index = {tp: i for i, tp in enumerate(self.partitions)}
 
     def _catch_up(self, timeout: float = 30.0) -> None:
         """Read the sync topic to its end and fold what is complete (shutdown: the final
@@ -237,39 +204,21 @@ class Member(Worker):
     # ------------------------------------------------------------------ the sync topic
 
     def _read_sync(self, timeout: float) -> None:
+        ledger = self.ledger
         for offset, message in self.sync.poll(timeout):
-            if message[:4] == GENESIS_MAGIC:
-                continue
-            partition, round_ = chunk_key(message)
-            if round_ < self.merged or partition in self.waiting.get(round_, {}):
-                continue  # folded already, or a second copy of a delta that counts
-            self.first_at.setdefault(round_, offset)
-            delta = self.assembler.add(message)  # DeltaError: the member stops, nothing applied
-            if delta is not None and delta.partition not in self.waiting.get(delta.round, {}):
-                self._take(delta)  # (the first complete copy in the log counts)
-        while self._fold():
-            pass
+            delta = ledger.read(offset, message)
+            held = self.held.get(delta.partition) if delta is not None else None
+            if held is not None and held.reading and delta.meta["by"] != self.id:
+                log.warning(
+                    "partition %s: round %d came from another member; rebuilding from it",
+                    ledger.partitions[delta.partition], delta.round,
+                )  # fmt: skip
+                held.reading, held.sync_target = False, self.sync.position
+        while (deltas := ledger.complete()) is not None:
+            self._fold(deltas)
 
-    def _take(self, delta: Delta) -> None:
-        p, meta = delta.partition, delta.meta
-        self.waiting.setdefault(delta.round, {})[p] = delta
-        if delta.round >= self.seen[p].round:
-            self.seen[p] = Boundary(delta.round + 1, meta["end"], meta["low"], meta["max_ts"])
-        held = self.held.get(p)
-        if held is not None and held.reading and meta["by"] != self.id:
-            log.warning(
-                "partition %s: round %d came from another member; rebuilding from it",
-                self.partitions[p],
-                delta.round,
-            )
-            held.reading, held.sync_target = False, self.sync.position
-
-    def _fold(self) -> bool:
-        """Fold the next round if every partition's delta is in."""
-        got = self.waiting.get(self.merged, {})
-        if len(got) < len(self.partitions):
-            return False
-        deltas = [got[p] for p in range(len(self.partitions))]
+    def _fold(self, deltas: list[Delta]) -> None:
+        """Fold a round (one delta per partition) into the model; the counters follow."""
         learned = [d for d in deltas if d.meta["samples"]]
         if learned:
             rounds.fold_round(self.model, learned, self.cluster.merge_rule)
@@ -280,18 +229,12 @@ class Member(Worker):
             self.stats.trained.update(m["trained"])
             if m["newest_ts"] is not None:
                 self.stats.newest_event_ts = max(m["newest_ts"], self.stats.newest_event_ts or m["newest_ts"])
-            self.folded[d.partition] = Boundary(d.round + 1, m["end"], m["low"], m["max_ts"])
-        del self.waiting[self.merged]
-        self.first_at.pop(self.merged, None)
-        self.merged += 1
-        self.assembler.discard(self.merged)
-        self.positions = {self.partitions[p]: b.start for p, b in self.folded.items()}
-        return True
+        self.positions = {self.ledger.partitions[p]: b.start for p, b in self.ledger.folded.items()}
 
     # ------------------------------------------------------------------ owned partitions
 
     def _follow_assignment(self) -> None:
-        assigned = {self.index[tp] for tp in self.source.assigned() if tp in self.index}
+        assigned = {self.ledger.index[tp] for tp in self.source.assigned() if tp in self.ledger.index}
         for p in [p for p in self.held if p not in assigned]:
             del self.held[p]
         for p in assigned - self.held.keys():
@@ -303,7 +246,7 @@ class Member(Worker):
     def _rebuild(self, held: _Held) -> None:
         """Start reading a partition where the sync topic says it stands: re-read its join from
         the boundary's low offset (nothing trained) and its next round from the boundary."""
-        b = self.seen[held.index]
+        b = self.ledger.seen[held.index]
         joiner = Joiner(self.config.attribution_window, self.config.allowed_lateness, self.config.max_pending)
         if b.max_ts is not None:
             joiner.max_ts = b.max_ts  # nothing re-read moves event time: the join is as it was
@@ -314,7 +257,7 @@ class Member(Worker):
         self._seek(held, b.low)
         log.info(
             "partition %s: round %d from offset %d (join re-read from %d)",
-            self.partitions[held.index],
+            self.ledger.partitions[held.index],
             b.round,
             b.start,
             b.low,
@@ -333,7 +276,7 @@ class Member(Worker):
         batches = self.source.poll(0.02, self.config.batch_size)
         now = time.monotonic()
         for batch in batches:
-            held = self.held.get(self.index.get((batch.topic, batch.partition), -1))
+            held = self.held.get(self.ledger.index.get((batch.topic, batch.partition), -1))
             if held is None or not held.reading or batch.epoch != held.epoch or held.refetch is not None:
                 continue  # fetched before a seek, for a partition no longer ours, or too far ahead
             held.last_arrival = now
@@ -354,11 +297,11 @@ class Member(Worker):
         """Read the partition from ``offset`` on; batches fetched before are dropped (epochs)."""
         self._epoch += 1
         held.epoch, held.refetch, held.last_arrival = self._epoch, None, time.monotonic()
-        self.source.seek(*self.partitions[held.index], offset, held.epoch)
+        self.source.seek(*self.ledger.partitions[held.index], offset, held.epoch)
 
     def _close_rounds(self) -> None:
         for held in self.held.values():
-            if not held.reading or held.round != self.merged:
+            if not held.reading or held.round != self.ledger.merged:
                 continue  # rebuilding, or its round is learned and the others' are not in yet
             n = len(held.offsets)
             if n >= self.cluster.round_records:
@@ -369,7 +312,7 @@ class Member(Worker):
     def _stalled(self, held: _Held) -> bool:
         """Nothing left to read (as the consumer reported after the partition's last seek: records
         dropped for reading ahead do not count as read) and nothing came for round_timeout."""
-        tp = self.partitions[held.index]
+        tp = self.ledger.partitions[held.index]
         if held.refetch is not None or self.source.epochs().get(tp) != held.epoch:
             return False
         if self.source.lag().get(tp) != 0:  # records left, or not known yet
@@ -378,11 +321,11 @@ class Member(Worker):
 
     def _others_moved(self, held: _Held) -> bool:
         """Another partition's round had records (else an idle cluster would churn empty rounds)."""
-        return any(d.meta["records"] for d in self.waiting.get(held.round, {}).values())
+        return any(d.meta["records"] for d in self.ledger.waiting.get(held.round, {}).values())
 
     def _learn(self, held: _Held, n: int) -> None:
         """Join, learn and publish the partition's round from its next ``n`` records."""
-        topic, partition = self.partitions[held.index]
+        topic, partition = self.ledger.partitions[held.index]
         offsets, keys, values = held.offsets[:n], held.keys[:n], held.values[:n]
         xs: list[dict[str, Any]] = []
         ys: list[bool] = []
@@ -425,14 +368,7 @@ class Member(Worker):
     # ------------------------------------------------------------------ snapshots and status
 
     def _extra(self) -> snapshot.Extra:
-        replay_from = min(self.first_at.values(), default=self.sync.position)
-        state = {
-            "sync_topic": self.cluster.sync_topic,
-            "genesis": self.genesis,
-            "merged": self.merged,
-            "sync_offset": replay_from,
-            "parts": {str(p): asdict(b) for p, b in self.folded.items()},
-        }
+        state = {"sync_topic": self.cluster.sync_topic, **self.ledger.state(self.sync.position)}
         return snapshot.Extra(
             meta={"stats": self.stats.to_json(), "source": self.source.name, "cluster": state},
             offsets=self._offsets_json(),

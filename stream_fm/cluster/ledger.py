@@ -1,0 +1,117 @@
+"""What a member has read of the sync topic: the cluster's partitions, the deltas waiting for
+their round to be complete, the rounds folded, and where every partition stands.
+
+Every member reads the same messages in the same order, so every member's ledger says the same:
+the first complete copy of a partition's round in the log counts (a second copy, from a member
+that took the partition over meanwhile, is ignored), and a round is folded once every partition's
+delta for it is in, in partition order (:func:`stream_fm.cluster.rounds.fold_round`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from stream_fm.cluster.delta import Assembler, Delta, chunk_key
+from stream_fm.cluster.sync import GENESIS_MAGIC
+from stream_fm.errors import ConfigError
+
+__all__ = ["Boundary", "Ledger"]
+
+
+@dataclass
+class Boundary:
+    """Where a partition stands: its next round, where that round begins, and where a new owner
+    re-reads its join from (with the event time the join had reached)."""
+
+    round: int
+    start: int
+    low: int
+    max_ts: float | None = None
+
+    @classmethod
+    def after(cls, delta: Delta) -> Boundary:
+        m = delta.meta
+        return cls(delta.round + 1, m["end"], m["low"], m["max_ts"])
+
+
+class Ledger:
+    """The sync topic as read so far (``genesis``: the cluster's, see :mod:`.sync`)."""
+
+    def __init__(self, genesis: dict[str, Any]) -> None:
+        self.genesis = genesis
+        self.partitions: list[tuple[str, int]] = [(t, p) for t, p, _ in genesis["partitions"]]
+        self.index = {tp: i for i, tp in enumerate(self.partitions)}
+        self.merged = 0  # rounds folded into the model (the next one to fold)
+        first = [Boundary(0, start, start) for _, _, start in genesis["partitions"]]
+        self.folded: dict[int, Boundary] = dict(enumerate(first))  # after the rounds folded
+        self.seen: dict[int, Boundary] = dict(self.folded)  # after every delta read
+        self.waiting: dict[int, dict[int, Delta]] = {}  # round -> partition -> delta
+        self.first_at: dict[int, int] = {}  # round -> sync offset of its first message read
+        self.assembler = Assembler()
+
+    def check(self, sync_topic: str, round_records: int, model_config: dict[str, Any]) -> None:
+        """Refuse to follow a cluster begun with other settings."""
+        ours = {"round_records": round_records, "model": json.loads(json.dumps(model_config))}
+        for key, value in ours.items():
+            if self.genesis[key] != value:
+                raise ConfigError(
+                    f"cluster.{key}" if key == "round_records" else "model",
+                    json.dumps(value),
+                    f"the cluster's, as its sync topic {sync_topic!r} began: "
+                    f"{json.dumps(self.genesis[key])} (every member runs with the same settings)",
+                )
+
+    def read(self, offset: int, message: bytes) -> Delta | None:
+        """Take one sync message; the delta it completes, if that delta counts."""
+        if message[:4] == GENESIS_MAGIC:
+            return None
+        partition, round_ = chunk_key(message)
+        if round_ < self.merged or partition in self.waiting.get(round_, {}):
+            return None  # folded already, or a second copy of a delta that counts
+        self.first_at.setdefault(round_, offset)
+        delta = self.assembler.add(message)  # DeltaError: the member stops, nothing applied
+        if delta is None or delta.partition in self.waiting.get(delta.round, {}):
+            return None
+        self.waiting.setdefault(delta.round, {})[delta.partition] = delta
+        if delta.round >= self.seen[delta.partition].round:
+            self.seen[delta.partition] = Boundary.after(delta)
+        return delta
+
+    def complete(self) -> list[Delta] | None:
+        """The next round's deltas in partition order once all are in (then it counts as folded:
+        the caller folds them), else None."""
+        got = self.waiting.get(self.merged, {})
+        if len(got) < len(self.partitions):
+            return None
+        deltas = [got[p] for p in range(len(self.partitions))]
+        for d in deltas:
+            self.folded[d.partition] = Boundary.after(d)
+        del self.waiting[self.merged]
+        self.first_at.pop(self.merged, None)
+        self.merged += 1
+        self.assembler.discard(self.merged)
+        return deltas
+
+    def replay_from(self, position: int) -> int:
+        """The sync offset to read again from after a restart (the first message of a round not
+        folded yet; ``position`` if there is none)."""
+        return min(self.first_at.values(), default=position)
+
+    def state(self, position: int) -> dict[str, Any]:
+        """JSON-able, for a snapshot of the model as folded."""
+        return {
+            "genesis": self.genesis,
+            "merged": self.merged,
+            "sync_offset": self.replay_from(position),
+            "parts": {str(p): asdict(b) for p, b in self.folded.items()},
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Ledger:
+        ledger = cls(state["genesis"])
+        ledger.merged = state["merged"]
+        ledger.folded = {int(p): Boundary(**b) for p, b in state["parts"].items()}
+        ledger.seen = dict(ledger.folded)
+        return ledger

@@ -1,0 +1,83 @@
+"""The sync topic's bookkeeping (stream_fm/cluster/ledger.py), without a broker: which delta
+counts, when a round is complete, where a restart reads again from."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stream_fm import ConfigError
+from stream_fm.cluster.delta import Delta, encode
+from stream_fm.cluster.ledger import Boundary, Ledger
+from stream_fm.cluster.sync import encode_genesis
+
+GENESIS = {
+    "format": 1,
+    "partitions": [["events", 0, 0], ["events", 1, 10]],
+    "round_records": 100,
+    "model": {"n_factors": 8},
+}
+
+
+def delta(partition: int, round_: int, by: str = "a", samples: int = 5) -> Delta:
+    start = round_ * 100 + 10 * partition
+    meta = {"end": start + 100, "low": start + 90, "max_ts": 7.0 + round_, "by": by, "samples": samples}
+    return Delta(partition, round_, {"x": np.arange(3.0) + round_ + len(by)}, meta)
+
+
+def feed(ledger: Ledger, deltas: list[Delta], first_offset: int = 1) -> list[tuple[int, int, str]]:
+    """Each delta as two chunks at consecutive offsets; what the ledger took (partition, round, by)."""
+    taken, offset = [], first_offset
+    for d in deltas:
+        for message in encode(d, 900):
+            got = ledger.read(offset, message)
+            offset += 1
+            if got is not None:
+                taken.append((got.partition, got.round, got.meta["by"]))
+    return taken
+
+
+def test_a_round_completes_once_every_partition_is_in_and_comes_in_partition_order():
+    ledger = Ledger(GENESIS)
+    assert ledger.read(0, encode_genesis(GENESIS)) is None  # the genesis is not a delta
+    feed(ledger, [delta(1, 0)])
+    assert ledger.complete() is None  # partition 0's round 0 is missing
+    feed(ledger, [delta(1, 1), delta(0, 0)])
+    done = ledger.complete()
+    assert [d.partition for d in done] == [0, 1] and ledger.merged == 1
+    assert ledger.complete() is None  # round 1 of partition 0 is missing
+    assert ledger.folded[1] == Boundary(1, 110, 100, 7.0)
+    assert ledger.seen[1] == Boundary(2, 210, 200, 8.0)  # read, not folded yet
+
+
+def test_the_first_complete_copy_of_a_round_counts_and_a_later_one_is_ignored():
+    ledger = Ledger(GENESIS)
+    taken = feed(ledger, [delta(0, 0, by="old-owner"), delta(0, 0, by="new-owner"), delta(1, 0)])
+    assert taken == [(0, 0, "old-owner"), (1, 0, "a")]
+    (first, _) = ledger.complete()
+    assert first.meta["by"] == "old-owner"
+    assert feed(ledger, [delta(0, 0, by="late")]) == []  # a round already folded: ignored
+
+
+def test_a_restart_reads_again_from_the_first_message_of_a_round_not_folded():
+    ledger = Ledger(GENESIS)
+    feed(ledger, [delta(0, 0), delta(1, 0)], first_offset=1)  # offsets 1-4
+    ledger.complete()
+    feed(ledger, [delta(1, 1)], first_offset=5)  # offsets 5-6: round 1 waits for partition 0
+    assert ledger.replay_from(position=7) == 5
+    state = ledger.state(position=7)
+    again = Ledger.from_state(state)
+    assert (again.merged, again.folded, again.seen) == (1, ledger.folded, ledger.folded)
+    assert state["sync_offset"] == 5
+    feed(again, [delta(1, 1), delta(0, 1)], first_offset=5)  # the replay
+    assert [d.partition for d in again.complete()] == [0, 1]
+    assert again.replay_from(position=9) == 9
+
+
+def test_a_member_with_other_settings_is_refused_naming_the_key():
+    ledger = Ledger(GENESIS)
+    ledger.check("sync", 100, {"n_factors": 8})
+    with pytest.raises(ConfigError, match=r"cluster\.round_records.*2000.*100"):
+        ledger.check("sync", 2000, {"n_factors": 8})
+    with pytest.raises(ConfigError, match=r"model.*n_factors"):
+        ledger.check("sync", 100, {"n_factors": 4})
