@@ -175,6 +175,10 @@ class WorkerCollector(Collector):
             writer.failures,
         )
 
+        counters = getattr(w, "counters", None)
+        if counters is not None:  # a cluster member (stream_fm.cluster.member)
+            yield from _cluster_series(counters)
+
         info = InfoMetricFamily("stream_fm_build", "Versions of stream-fm and what it runs on")
         info.add_metric(
             [],
@@ -187,6 +191,37 @@ class WorkerCollector(Collector):
             },
         )
         yield info
+
+
+def _cluster_series(c: Any) -> Iterator[Metric]:
+    """A cluster member's rounds (``ClusterCounters``)."""
+    rounds = GaugeMetricFamily(
+        "stream_fm_cluster_round",
+        "The round each partition this member owns is in",
+        labels=["topic", "partition"],
+    )
+    for (topic, partition), value in sorted(c.rounds.items()):
+        rounds.add_metric([topic, str(partition)], value)
+    yield rounds
+    yield _gauge(
+        "stream_fm_cluster_merged_round", "Rounds folded into the model (every partition's)", c.merged
+    )
+    yield _gauge(
+        "stream_fm_cluster_records_waiting", "Records read, waiting for their round", c.records_waiting
+    )
+    yield _counter(
+        "stream_fm_cluster_wait_seconds",
+        "Time every partition this member owns had its round learned and waited for the others'",
+        c.wait_seconds,
+    )
+    yield _counter(
+        "stream_fm_cluster_fold_seconds", "Time spent folding rounds into the model", c.fold_seconds
+    )
+    yield _counter("stream_fm_cluster_rounds_published", "Rounds this member published", c.rounds_published)
+    yield _counter("stream_fm_cluster_delta_bytes", "Bytes of deltas this member published", c.delta_bytes)
+    yield _counter(
+        "stream_fm_cluster_delta_keys", "Keys (rows) in the deltas this member published", c.delta_keys
+    )
 
 
 _JOIN_COUNTERS = (

@@ -181,6 +181,13 @@ class Worker:
                 raise  # snapshots exist but none is valid: starting afresh would silently lose the model
             log.info("no snapshot in %s: starting a new model (%s)", self.config.snapshot_dir, e.reason)
             return
+        if "cluster" in snap.extra:  # its join state is in the event log, its offsets are rounds'
+            raise ConfigError(
+                "cluster.sync_topic",
+                "",
+                f"{snap.extra['cluster']['sync_topic']!r}: {snap.path} is a cluster member's snapshot; "
+                "run this worker as a member of that cluster (one member is a cluster too)",
+            )
         self._check_settings(model, snap)
         self.model = model
         state = snap.extra_arrays.get("join_state")

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import signal
 import struct
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -137,11 +139,26 @@ def run_cluster(kafka, topic: str, sync: str, ends: dict[int, int], roots: list[
         procs += [start(kafka, topic, sync, root, log) for root in roots]
         for root, proc in zip(roots, procs, strict=True):
             wait_folded(root, topic, ends, proc)
+        check_metrics(log, len(roots))
         stop(procs, log)
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
+
+
+def check_metrics(log: Path, members: int) -> None:
+    """Every member reports the same folded round and the rounds it published, and they add up."""
+    urls = re.findall(r"metrics on (http://[\d.:]+)/metrics", log.read_text())[-members:]
+    merged, published = set(), 0.0
+    for url in urls:
+        text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
+        value = lambda name, text=text: float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))  # noqa: E731
+        merged.add(value("stream_fm_cluster_merged_round"))
+        published += value("stream_fm_cluster_rounds_published_total")
+        assert re.search(r"^stream_fm_cluster_delta_bytes_total [1-9]", text, re.M) or members > PARTITIONS
+    (rounds,) = merged
+    assert published >= rounds * PARTITIONS  # each round's every partition, once at least
 
 
 def assert_same(got: tuple[dict, dict], reference: tuple[dict, dict], what: str) -> None:

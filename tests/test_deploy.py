@@ -109,9 +109,17 @@ def test_compose_file_references_what_exists_and_commands_parse():
             assert dependency in services
         if service.get("image", "").startswith("stream-fm") or "build" in service:
             parses_as_stream_fm(service["command"])
-    # the Prometheus inside compose scrapes the worker service and loads the shipped rules
+    # two workers, members of one cluster: the same group and sync topic, a snapshot volume each
+    workers = [services["worker"], services["worker-2"]]
+    flags = [dict(zip(w["command"][1::2], w["command"][2::2], strict=False)) for w in workers]
+    assert (
+        flags[0]["--sync-topic"] == flags[1]["--sync-topic"]
+        and flags[0]["--group-id"] == flags[1]["--group-id"]
+    )
+    assert workers[0]["volumes"][0].split(":")[0] != workers[1]["volumes"][0].split(":")[0]
+    # the Prometheus inside compose scrapes both workers and loads the shipped rules
     prom = yaml.safe_load((DEPLOY / "docker" / "prometheus.yml").read_text())
-    assert prom["scrape_configs"][0]["static_configs"][0]["targets"] == ["worker:9108"]
+    assert prom["scrape_configs"][0]["static_configs"][0]["targets"] == ["worker:9108", "worker-2:9108"]
     grafana_mounts = " ".join(services["grafana"]["volumes"])
     assert "stream-fm.json" in grafana_mounts and "provisioning" in grafana_mounts
 
@@ -144,13 +152,14 @@ def test_kubernetes_manifests_fit_together():
     worker_labels = worker["spec"]["template"]["metadata"]["labels"]
 
     # the configuration in the ConfigMap is one stream-fm accepts (secrets come from files at run time)
-    load(file_values=__import__("tomllib").loads(config["data"]["worker.toml"]), environ={})
+    loaded = load(file_values=__import__("tomllib").loads(config["data"]["worker.toml"]), environ={})
     container = worker["spec"]["template"]["spec"]["containers"][0]
     parses_as_stream_fm(container["args"])
     parses_as_stream_fm(serve["spec"]["template"]["spec"]["containers"][0]["args"])
     assert worker["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
     assert worker["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "snapshots"
-    assert worker["spec"]["replicas"] == 1  # one model per consumer group
+    # several replicas learn one model only as members of a cluster (a sync topic)
+    assert worker["spec"]["replicas"] > 1 and loaded.cluster.sync_topic
 
     # serve reads the worker's claim; the claim name is <template>-<statefulset>-<ordinal>
     claim = next(v for v in serve["spec"]["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v)

@@ -159,11 +159,12 @@ def test_dashboard_and_rules_evaluate_and_the_stalled_alert_fires(demo_worker, p
             results += answer["data"]["result"]
         if not results:
             empty.append(title)
-    assert not empty, f"dashboard panels without data: {empty}"
+    # a demo worker is no cluster member: the cluster panels must evaluate, they cannot have data
+    assert not [t for t in empty if not t.startswith("Cluster:")], f"dashboard panels without data: {empty}"
 
     groups = api(base, "rules")["data"]["groups"]
     rules = [r for g in groups for r in g["rules"]]
-    assert len(rules) == len(yaml.safe_load(RULES.read_text())["groups"][0]["rules"]) == 8
+    assert len(rules) == len(yaml.safe_load(RULES.read_text())["groups"][0]["rules"]) == 9
     for rule in rules:
         assert rule["health"] == "ok", rule
         assert api(base, "query", query=rule["query"])["status"] == "success"

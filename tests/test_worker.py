@@ -12,10 +12,10 @@ import orjson
 import pytest
 from helpers import stream_fm_process
 
-from stream_fm import ConfigError, cli, snapshot
+from stream_fm import ConfigError, SparseFM, cli, snapshot
 from stream_fm.demo import DemoStream
 from stream_fm.sources import FileSource
-from stream_fm.worker import Worker, WorkerConfig
+from stream_fm.worker import Stats, Worker, WorkerConfig
 
 BAD_LINES = [
     b"{oops",
@@ -150,6 +150,16 @@ def test_a_snapshot_with_other_model_settings_is_refused(tmp_path):
         Worker(FileSource(events), config).restore()
     message = str(info.value)
     assert "n_factors: snapshot 8, configured 4" in message and "learning_rate" in message
+
+
+def test_a_cluster_members_snapshot_is_refused_naming_its_sync_topic(tmp_path):
+    events = tmp_path / "events.jsonl"
+    write_events(events, 10)
+    config = WorkerConfig(snapshot_dir=tmp_path / "snaps")
+    meta = {"stats": Stats().to_json(), "cluster": {"sync_topic": "events-sync"}}
+    snapshot.write(config.snapshot_dir, SparseFM(), snapshot.Extra(meta=meta))
+    with pytest.raises(ConfigError, match=r"cluster\.sync_topic.*'events-sync'.*cluster member's snapshot"):
+        Worker(FileSource(events), config).restore()
 
 
 PREVIOUS_DEFAULTS = {  # the normalized optimizer's settings before calibration (state_format 2)

@@ -42,6 +42,7 @@ from stream_fm import snapshot
 from stream_fm.cluster import rounds
 from stream_fm.cluster.delta import Delta
 from stream_fm.cluster.ledger import Ledger
+from stream_fm.cluster.status import ClusterCounters, JoinView
 from stream_fm.cluster.sync import SyncLog
 from stream_fm.deadletters import DeadLetters
 from stream_fm.errors import ConfigError, SnapshotError
@@ -103,7 +104,8 @@ class Member(Worker):
         self._ledger: Ledger | None = None  # the sync topic as read (from its genesis on)
         self.sync_offset = 0  # where reading the sync topic begins (restored from a snapshot)
         self.held: dict[int, _Held] = {}
-        self.delta_bytes = 0  # published by this member
+        self.counters = ClusterCounters()
+        self._unknown: list[tuple[str, int]] = []  # assigned partitions the genesis does not know
         self._epoch = 0
 
     @property
@@ -159,8 +161,13 @@ class Member(Worker):
             self._begin()
         self.source.start({})
         last_progress = time.monotonic()
+        last = time.monotonic()
         try:
             while not stop.is_set():
+                now = time.monotonic()
+                if self.held and all(h.reading and h.round > self.ledger.merged for h in self.held.values()):
+                    self.counters.wait_seconds += now - last  # (idle on the others' rounds)
+                last = now
                 self._read_sync(0.0)
                 self._follow_assignment()
                 idle = not self._poll()
@@ -220,8 +227,10 @@ class Member(Worker):
     def _fold(self, deltas: list[Delta]) -> None:
         """Fold a round (one delta per partition) into the model; the counters follow."""
         learned = [d for d in deltas if d.meta["samples"]]
+        t = time.perf_counter()
         if learned:
             rounds.fold_round(self.model, learned, self.cluster.merge_rule)
+        self.counters.fold_seconds += time.perf_counter() - t
         for d in deltas:
             m = d.meta
             self.stats.events.update(m["events"])
@@ -234,7 +243,15 @@ class Member(Worker):
     # ------------------------------------------------------------------ owned partitions
 
     def _follow_assignment(self) -> None:
-        assigned = {self.ledger.index[tp] for tp in self.source.assigned() if tp in self.ledger.index}
+        tps = self.source.assigned()
+        assigned = {self.ledger.index[tp] for tp in tps if tp in self.ledger.index}
+        unknown = sorted(set(tps) - self.ledger.index.keys())
+        if unknown and unknown != self._unknown:
+            log.error(
+                "partitions %s were added after the cluster began: they are not learned (a cluster "
+                "numbers its partitions at its genesis; start a new sync topic to take them in)", unknown
+            )  # fmt: skip
+        self._unknown = unknown
         for p in [p for p in self.held if p not in assigned]:
             del self.held[p]
         for p in assigned - self.held.keys():
@@ -360,7 +377,10 @@ class Member(Worker):
             start=held.start, end=end, low=low, max_ts=max_ts, records=n, events=dict(counts),
             bad=dict(bad), trained={"1": positives, "0": len(ys) - positives}, newest_ts=newest, by=self.id,
         )  # fmt: skip
-        self.delta_bytes += self.sync.publish(delta)
+        c = self.counters
+        c.delta_bytes += self.sync.publish(delta)
+        c.delta_keys += len(delta.arrays.get("key_offsets", ())) - 1 if xs else 0
+        c.rounds_published += 1
         held.round += 1
         held.start = end
         del held.offsets[:n], held.keys[:n], held.values[:n]
@@ -380,3 +400,8 @@ class Member(Worker):
         self.ready, self.broker_up, self.lag, self.assigned, self.group_members = (
             src.ready, src.broker_up, src.lag(), src.assigned(), src.group_members(),
         )  # fmt: skip
+        c, ledger = self.counters, self.ledger
+        c.rounds = {ledger.partitions[p]: h.round for p, h in self.held.items()}
+        c.merged = ledger.merged
+        c.records_waiting = sum(len(h.offsets) for h in self.held.values())
+        self.joiner = JoinView.of([h.joiner for h in self.held.values() if h.joiner is not None])  # type: ignore[assignment]
