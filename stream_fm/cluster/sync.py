@@ -82,6 +82,7 @@ class SyncLog:
             bootstrap_servers=self.servers,
             enable_auto_commit=False,
             group_id=None,
+            fetch_max_wait_ms=20,  # a round waits for the others' deltas: see them at once
             max_partition_fetch_bytes=max(1 << 20, 2 * self.max_message_bytes),
             fetch_max_bytes=max(50 << 20, 4 * self.max_message_bytes),
             **self.client,

@@ -1,0 +1,333 @@
+"""Cluster mode against the single worker: quality, cost, bandwidth, and scale on paper.
+
+- **Quality**: progressive log loss of a cluster of 6 partitions against the single learner on
+  the same stream, for several ``round_records``, on three kinds of stream (sparse ids, a dense
+  table with numeric fields, rare positives), with curves. In process, on the package's own rounds
+  (``sim_merge.cluster``: ``learn_round``/``fold_round``): the cluster's model does not depend on
+  how many members learn it (tests/test_cluster_kafka.py), so one process computes exactly what
+  any number of members would.
+- **Cost**: real ``stream-fm run`` processes on the local broker (deploy/kafka/kafka-local.sh,
+  started if needed) and a 6-partition topic of demo events: CPU-seconds per event of a single
+  worker and of clusters of 1, 2 and 3 members (their Kafka fetch processes included; the broker's
+  own CPU beside it), delta bytes per event, fold and wait time per round, and the recovery after
+  ``kill -9`` of one of two members.
+- **Bandwidth**: the sync topic's bytes per event as published, and what compact encodings would
+  make of the same deltas (float32 values, zlib).
+- **Scale, on paper**: events/s of N = 1..32 members from the measured per-event costs.
+
+    python benchmarks/bench_cluster.py [--events 300000] [--rounds 500 2000 10000] [--skip-quality]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+import suite
+from bench_e2e import broker, end_offsets, ensure_topic
+from bench_quality import log_loss
+from common import machine, print_table
+from sim_merge import STREAMS, cluster
+
+from stream_fm import SparseFM, snapshot
+from stream_fm.cluster.delta import Assembler
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+PARTITIONS = 6
+DEFAULT_ROUND = 2000
+
+
+# ---------------------------------------------------------------------------------- quality
+
+
+def quality(rounds: list[int]) -> dict:
+    rows, curves = [], {}
+    for title, name in STREAMS.items():
+        stream = suite.SUITE[name][1]()
+        y = np.array([label for _, label in stream], np.float64)
+        single = SparseFM().learn_batch([x for x, _ in stream], list(y))
+        base = log_loss(single, y)
+        cells = []
+        for r in rounds:
+            p = cluster(stream, PARTITIONS, r, "mean")
+            ll = log_loss(p, y)
+            cells.append(f"{ll:.4f} ({100 * (ll / base - 1):+.2f}%)")
+            print(f"  {title}, {r} records a round: {cells[-1]}", file=sys.stderr, flush=True)
+            if r == DEFAULT_ROUND:
+                curves[title] = (rolling(single, y), rolling(p, y))
+        rows.append((title, f"{base:.4f}", *cells))
+    print_table(["stream", "single learner", *(f"{r} records a round" for r in rounds)], rows)
+    plot(curves)
+    return {"rounds": rounds, "rows": rows}
+
+
+def rolling(p: np.ndarray, y: np.ndarray, points: int = 100) -> np.ndarray:
+    p = np.clip(p, 1e-15, 1 - 1e-15)
+    losses = -(y * np.log(p) + (1 - y) * np.log(1 - p))
+    return np.array([chunk.mean() for chunk in np.array_split(losses, points)])
+
+
+def plot(curves: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.6))
+    for ax, (title, (single, members)) in zip(np.atleast_1d(axes), curves.items(), strict=True):
+        x = np.linspace(0, 100, len(single))
+        ax.plot(x, single, label="single learner")
+        ax.plot(x, members, label=f"cluster, 6 partitions, {DEFAULT_ROUND} a round")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("% of the stream")
+        ax.set_ylabel("log loss (1% windows)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "cluster_curves.png", dpi=110)
+    print(f"curves: {RESULTS / 'cluster_curves.png'}")
+
+
+# ---------------------------------------------------------------------------------- cost
+
+
+def worker_args(bootstrap: str, topic: str, root: Path, sync: str | None, group: str) -> list[str]:
+    args = [
+        sys.executable, "-m", "stream_fm.cli", "run", "--bootstrap-servers", bootstrap, "--topic", topic,
+        "--group-id", group, "--snapshot-dir", str(root), "--snapshot-interval", "1", "--metrics-port", "0",
+        "--attribution-window", "120", "--progress-interval", "5", "--session-timeout", "6",
+    ]  # fmt: skip
+    return args + (["--sync-topic", sync, "--round-timeout", "1"] if sync else [])
+
+
+def folded(root: Path, topic: str) -> dict[int, int]:
+    name = snapshot.latest_name(root)
+    try:
+        offsets = snapshot.read(root / name).offsets if name else {}
+    except Exception:
+        return {}
+    return {int(p): o for p, o in offsets.get(topic, {}).items()}
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU-seconds a process and its descendants alive now have used (Linux /proc)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / 100.0
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return total
+
+
+def broker_cpu() -> float:
+    """CPU-seconds the local broker has used (its pid file: deploy/kafka/kafka-local.sh)."""
+    pid = (Path.home() / ".cache/stream-fm/kafka/run-9092/broker.pid").read_text().strip()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100.0
+
+
+def urls(log: Path) -> list[str]:
+    """The metrics URLs the members in ``log`` announced, in order of start."""
+    return re.findall(r"metrics on (http://[\d.:]+)/metrics", log.read_text())
+
+
+def scrape(url: str) -> dict[str, float]:
+    text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
+    return {m[0]: float(m[1]) for m in re.findall(r"^(stream_fm_cluster_\w+) (\S+)$", text, re.M)}
+
+
+def run(bootstrap: str, topic: str, ends: dict[int, int], members: int | None, tmp: Path) -> dict:
+    """One run to the end of the topic: a single worker (``members`` None) or a cluster."""
+    tag = f"single-{time.time_ns()}" if members is None else f"sync-{members}-{time.time_ns()}"
+    roots = [tmp / f"{tag}-{i}" for i in range(members or 1)]
+    log = tmp / f"{tag}.log"
+    with open(log, "ab") as out:
+        procs = [
+            subprocess.Popen(
+                worker_args(bootstrap, topic, r, tag if members else None, tag), stdout=out, stderr=out
+            )
+            for r in roots
+        ]
+    # measured from the first event learned to the last (process start and numba's cache load,
+    # about 2 CPU-seconds a process, are left out: they do not grow with the stream)
+    deadline = time.monotonic() + 1800
+    while "partitions assigned: [(" not in log.read_text():
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), log.read_text()[-3000:]
+        time.sleep(0.01)
+    t, before, broker_before = time.perf_counter(), sum(tree_cpu(p.pid) for p in procs), broker_cpu()
+    while not all(folded(r, topic) == ends for r in roots):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), log.read_text()[-3000:]
+        time.sleep(0.05)
+    wall = time.perf_counter() - t
+    cpu = sum(tree_cpu(p.pid) for p in procs) - before
+    counters = [scrape(url) for url in urls(log)] if members else []
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        assert p.wait(120) == 0, log.read_text()[-3000:]
+    return {
+        "tag": tag,
+        "wall": wall,
+        "cpu": cpu,
+        "broker_cpu": broker_cpu() - broker_before,
+        "counters": counters,
+    }
+
+
+def sync_bytes(bootstrap: str, sync: str) -> dict[str, float]:
+    """The sync topic's deltas as published, and encoded more compactly."""
+    from kafka import KafkaConsumer
+
+    reader = KafkaConsumer(
+        sync, bootstrap_servers=bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=5000
+    )
+    assembler, sizes = Assembler(), {"published": 0, "zlib": 0, "float32": 0, "float32 + zlib": 0, "keys": 0}
+    for m in reader:
+        if m.value[:4] != b"SFMC":
+            continue
+        sizes["published"] += len(m.value)
+        delta = assembler.add(m.value)
+        if delta is None:
+            continue
+        raw = b"".join(a.tobytes() for a in delta.arrays.values())
+        small = b"".join(
+            (a.astype(np.float32) if a.dtype == np.float64 else a).tobytes() for a in delta.arrays.values()
+        )
+        sizes["zlib"] += len(zlib.compress(raw, 1))
+        sizes["float32"] += len(small)
+        sizes["float32 + zlib"] += len(zlib.compress(small, 1))
+        sizes["keys"] += max(0, len(delta.arrays.get("key_offsets", ())) - 1)
+    reader.close()
+    return sizes
+
+
+def recovery(bootstrap: str, topic: str, ends: dict[int, int], tmp: Path) -> dict[str, float]:
+    """Two members; one is killed (-9) a third of the way and restarted at once."""
+    tag = f"sync-kill-{time.time_ns()}"
+    roots, log = [tmp / f"{tag}-0", tmp / f"{tag}-1"], tmp / f"{tag}.log"
+    total = sum(ends.values())
+
+    def start(root: Path) -> subprocess.Popen:
+        with open(log, "ab") as out:
+            return subprocess.Popen(worker_args(bootstrap, topic, root, tag, tag), stdout=out, stderr=out)
+
+    procs = [start(r) for r in roots]
+    while sum(folded(roots[1], topic).values()) < total // 3:
+        time.sleep(0.05)
+    survivor = urls(log)[0]
+    procs[1].send_signal(signal.SIGKILL)
+    procs[1].wait()
+    killed, merged = time.perf_counter(), scrape(survivor)["stream_fm_cluster_merged_round"]
+    procs[1] = start(roots[1])
+    resumed = None
+    while not all(folded(r, topic) == ends for r in roots):
+        if resumed is None and scrape(survivor)["stream_fm_cluster_merged_round"] > merged + 1:
+            resumed = time.perf_counter() - killed  # a whole round folded since the kill
+        time.sleep(0.05)
+    caught_up = time.perf_counter() - killed
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+        p.wait(120)
+    return {"a round folded again": resumed or float("nan"), "both members at the end": caught_up}
+
+
+def cost(bootstrap: str, n: int) -> dict:
+    topic = ensure_topic(bootstrap, n, PARTITIONS)
+    ends = end_offsets(bootstrap, topic)
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        runs = {"single worker": run(bootstrap, topic, ends, None, tmp)}
+        for members in (1, 2, 3):
+            runs[f"cluster, {members} member{'s' * (members > 1)}"] = run(
+                bootstrap, topic, ends, members, tmp
+            )
+        sync = next(r["tag"] for r in runs.values() if r["tag"].startswith("sync-1-"))
+        sizes = sync_bytes(bootstrap, sync)
+        killed = recovery(bootstrap, topic, ends, tmp)
+    base = runs["single worker"]["cpu"] / n
+    rows = []
+    for name, r in runs.items():
+        c = r["counters"]
+        rounds = c[0]["stream_fm_cluster_merged_round"] if c else 0
+        folds = np.mean([m["stream_fm_cluster_fold_seconds_total"] for m in c]) if c else 0
+        waits = np.mean([m["stream_fm_cluster_wait_seconds_total"] for m in c]) if c else 0
+        published = sum(m["stream_fm_cluster_delta_bytes_total"] for m in c) if c else 0
+        rows.append((
+            name, f"{r['wall']:.1f}", f"{n / r['wall']:,.0f}", f"{1e6 * r['cpu'] / n:.1f}",
+            f"{r['cpu'] / n / base:.2f}x", f"{1e6 * r['broker_cpu'] / n:.1f}",
+            f"{published / n:.0f}" if c else "", f"{1e3 * folds / rounds:.1f}" if rounds else "",
+            f"{1e3 * waits / rounds:.1f}" if rounds else "",
+        ))  # fmt: skip
+    print_table(
+        ["run", "wall s", "events/s", "CPU µs/event (workers)", "vs single", "broker CPU µs/event",
+         "delta B/event", "fold ms/round (each member)", "wait ms/round (each member)"],
+        rows,
+    )  # fmt: skip
+    print()
+    print_table(
+        ["encoding of the 1-member run's deltas", "bytes/event", "vs published"],
+        [(k, f"{v / n:.0f}", f"{v / sizes['published']:.2f}") for k, v in sizes.items() if k != "keys"],
+    )
+    published = runs["cluster, 1 member"]["counters"][0]["stream_fm_cluster_rounds_published_total"]
+    print(f"\nkeys per round and partition: {sizes['keys'] / max(1, published):.0f}")
+    times = ", ".join(f"{k}: {v:.1f} s" for k, v in killed.items())
+    print(f"kill -9 of one of two members, restarted at once: {times}")
+    return {"n": n, "runs": runs, "sizes": sizes, "recovery": killed}
+
+
+def scale(result: dict) -> None:
+    """Events/s of N members, each on its own core (plus its fetch process), from the 1-member
+    run: every member learns its share of the events but folds all of them."""
+    n, r = result["n"], result["runs"]["cluster, 1 member"]
+    fold = r["counters"][0]["stream_fm_cluster_fold_seconds_total"] / n  # s per event folded
+    own = r["cpu"] / n - fold  # s per event owned: fetch, parse, join, learn, encode, publish
+    rows = []
+    for members in (1, 2, 4, 8, 16, 32):
+        rate = 1 / (own / members + fold)  # each member: own/N of the events + every fold
+        rows.append((str(members), f"{rate:,.0f}", f"{100 * fold * rate:.0f}%"))
+    print_table(["members", "events/s (on paper)", "share of a member's time spent folding"], rows)
+    print(
+        f"\nown work {1e6 * own:.1f} µs/event (two processes per member), folding {1e6 * fold:.2f} "
+        f"µs/event (every member folds every event): the merge limits it near {own / fold:.0f} members"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--events", type=int, default=300_000)
+    parser.add_argument("--rounds", type=int, nargs="*", default=[500, DEFAULT_ROUND, 10_000])
+    parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--skip-cost", action="store_true")
+    args = parser.parse_args()
+    print(f"machine: {machine()}\npartitions: {PARTITIONS}; broker: kafka-local.sh, same machine\n")
+    if not args.skip_quality:
+        print("## Quality: progressive log loss, merge rule mean\n")
+        quality(args.rounds)
+        print()
+    if not args.skip_cost:
+        print(f"## Cost: {args.events:,} demo events on {PARTITIONS} partitions\n")
+        result = cost(broker(), args.events)
+        print("\n## Scale, on paper\n")
+        scale(result)
+
+
+if __name__ == "__main__":
+    main()
