@@ -1,6 +1,6 @@
-"""Cluster mode: several workers learning one model, with Kafka as the engine (issue 13).
+"""Cluster mode: several workers learning one model, with Kafka as the engine.
 
-So far: the wire format of the sync topic (:mod:`stream_fm.cluster.delta`), and rounds: one
-partition's round learned on the base model and taken out as a delta, a round's deltas folded
-back (:mod:`stream_fm.cluster.rounds`). No Kafka yet.
+:mod:`.member` runs a member (``stream-fm run --sync-topic``); :mod:`.ledger` keeps what it has
+read of the sync topic (:mod:`.sync`), whose messages are chunks of deltas (:mod:`.delta`); a
+round is learned and folded by :mod:`.rounds`; :mod:`.status` holds what the metrics read.
 """

@@ -285,7 +285,11 @@ class Member(Worker):
 
         A partition read two rounds ahead takes no more: its records are dropped and read again
         once it needs them (a seek), which bounds memory without pausing the consumer
-        (kafka-python 3.0 stops fetching a partition that was paused and resumed: measured)."""
+        (kafka-python 3.0 stops fetching a partition that was paused and resumed: measured). It
+        polls on every loop, needed or not: the consumer takes part in rebalances only while it
+        is polled, and a member that stopped polling while it waited for a partition moving to
+        another member held the group's rebalance for max.poll.interval.ms (5 minutes: measured).
+        Reading twice what was dropped is the price (benchmarks/bench_cluster.py)."""
         ahead = 2 * self.cluster.round_records
         for held in self.held.values():
             if held.refetch is not None and len(held.offsets) < self.cluster.round_records:
