@@ -16,7 +16,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import stream_fm_process
-from test_worker_kafka import LATENESS, WINDOW, Trickle, end_offsets, make_stream, produce, wait_until
+from test_worker_kafka import (
+    LATENESS,
+    WINDOW,
+    Trickle,
+    end_offsets,
+    latest_offsets,
+    make_stream,
+    produce,
+    wait_until,
+)
 
 from stream_fm import snapshot
 
@@ -67,18 +76,6 @@ def member_args(kafka, topic: str, sync: str, root: Path, round_timeout: float =
     ]  # fmt: skip
 
 
-def folded_to(root: Path, topic: str) -> dict[int, int]:
-    """Each partition's next round start in the member's newest snapshot."""
-    name = snapshot.latest_name(root)
-    if name is None:
-        return {}
-    try:
-        offsets = snapshot.read(root / name).offsets
-    except Exception:  # retention may delete it between the two reads: ask again
-        return {}
-    return {int(p): o for p, o in offsets.get(topic, {}).items()}
-
-
 def by_key(root: Path) -> tuple[dict[str, bytes], dict[str, object]]:
     """Every trained key's numbers (bytes of w, V, gw, gV and last), and the dense state."""
     model, snap = snapshot.restore(root / snapshot.latest_name(root))
@@ -115,13 +112,13 @@ def publishers(kafka, sync: str) -> set[str]:
 
 
 def wait_folded(root: Path, topic: str, ends: dict[int, int], proc: subprocess.Popen) -> None:
-    done = lambda: folded_to(root, topic) == ends  # noqa: E731
+    done = lambda: latest_offsets(root, topic) == ends  # noqa: E731
     wait_until(done, 300, f"{root.name} to fold the whole topic", proc)
 
 
 def wait_progress(root: Path, topic: str, at_least: int, proc: subprocess.Popen) -> None:
     """Until the member's newest snapshot has folded ``at_least`` records of the topic."""
-    done = lambda: sum(folded_to(root, topic).values()) >= at_least  # noqa: E731
+    done = lambda: sum(latest_offsets(root, topic).values()) >= at_least  # noqa: E731
     wait_until(done, 300, f"{root.name} to fold {at_least} records", proc)
 
 
@@ -221,7 +218,7 @@ def test_kill_9_of_a_member_mid_stream_and_its_restart_change_nothing(
         time.sleep(random.uniform(0.0, 0.5))
         procs[1].send_signal(signal.SIGKILL)
         procs[1].wait()
-        killed_at = sum(folded_to(roots[0], topic).values())
+        killed_at = sum(latest_offsets(roots[0], topic).values())
         # the survivor takes the dead member's partitions (after the session timeout) and goes on
         wait_progress(roots[0], topic, min(total, killed_at + 1), procs[0])
         procs[1] = start(kafka, topic, sync, roots[1], log)  # from its own snapshot
