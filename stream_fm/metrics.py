@@ -215,6 +215,11 @@ def _cluster_series(c: Any) -> Iterator[Metric]:
         c.wait_seconds,
     )
     yield _counter(
+        "stream_fm_cluster_records_reread",
+        "Records read too far ahead, dropped to be read again",
+        c.records_reread,
+    )
+    yield _counter(
         "stream_fm_cluster_fold_seconds", "Time spent folding rounds into the model", c.fold_seconds
     )
     yield _counter("stream_fm_cluster_rounds_published", "Rounds this member published", c.rounds_published)

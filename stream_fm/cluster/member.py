@@ -50,9 +50,11 @@ from stream_fm.join import Joiner
 from stream_fm.sources import KafkaSource, Record
 from stream_fm.worker import Worker, WorkerConfig, join_values
 
-__all__ = ["ClusterConfig", "Member"]
+__all__ = ["READ_AHEAD", "ClusterConfig", "Member"]
 
 log = logging.getLogger(__name__)
+
+READ_AHEAD = 5  # rounds a partition's records are read ahead of the one it learns (then dropped)
 
 
 @dataclass
@@ -290,7 +292,7 @@ class Member(Worker):
         is polled, and a member that stopped polling while it waited for a partition moving to
         another member held the group's rebalance for max.poll.interval.ms (5 minutes: measured).
         Reading twice what was dropped is the price (benchmarks/bench_cluster.py)."""
-        ahead = 2 * self.cluster.round_records
+        ahead = READ_AHEAD * self.cluster.round_records
         for held in self.held.values():
             if held.refetch is not None and len(held.offsets) < self.cluster.round_records:
                 self._seek(held, held.refetch)
@@ -308,6 +310,7 @@ class Member(Worker):
                             [], [], Counter(), batch.offsets, held.offset_of)  # fmt: skip
             if cut < len(batch.offsets) and len(held.offsets) >= ahead:
                 held.refetch = batch.offsets[cut]
+                self.counters.records_reread += len(batch.offsets) - cut
                 continue
             held.offsets += batch.offsets[cut:]
             held.keys += batch.keys[cut:]
