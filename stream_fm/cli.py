@@ -363,6 +363,12 @@ def _summary(snap, top: int) -> None:
     print(f"  samples_seen  {m['samples_seen']:,}   n_features {m['n_features']:,}   {size / 1e6:,.1f} MB")
     print(f"  model         {m['model']['config']}")
     print(f"  offsets       {m['offsets'] or '{}'}")
+    cluster = m["extra"].get("cluster")
+    if cluster:  # a cluster member's: the offsets are the next rounds' starts
+        print(
+            f"  cluster       sync topic {cluster['sync_topic']!r}, {cluster['merged']} rounds folded, "
+            f"replays from offset {cluster['sync_offset']}"
+        )
     a = snap.model_arrays
     trained = np.flatnonzero(np.asarray(a["last"]) >= 0)
     if "key_bytes" in a:

@@ -152,14 +152,19 @@ def test_a_snapshot_with_other_model_settings_is_refused(tmp_path):
     assert "n_factors: snapshot 8, configured 4" in message and "learning_rate" in message
 
 
-def test_a_cluster_members_snapshot_is_refused_naming_its_sync_topic(tmp_path):
+def test_a_cluster_members_snapshot_is_refused_naming_its_sync_topic_and_inspect_describes_it(
+    tmp_path, capsys
+):
     events = tmp_path / "events.jsonl"
     write_events(events, 10)
     config = WorkerConfig(snapshot_dir=tmp_path / "snaps")
-    meta = {"stats": Stats().to_json(), "cluster": {"sync_topic": "events-sync"}}
+    cluster = {"sync_topic": "events-sync", "merged": 12, "sync_offset": 345}
+    meta = {"stats": Stats().to_json(), "cluster": cluster}
     snapshot.write(config.snapshot_dir, SparseFM(), snapshot.Extra(meta=meta))
     with pytest.raises(ConfigError, match=r"cluster\.sync_topic.*'events-sync'.*cluster member's snapshot"):
         Worker(FileSource(events), config).restore()
+    assert cli.main(["inspect", str(config.snapshot_dir)]) == 0
+    assert "sync topic 'events-sync', 12 rounds folded, replays from offset 345" in capsys.readouterr().out
 
 
 PREVIOUS_DEFAULTS = {  # the normalized optimizer's settings before calibration (state_format 2)
