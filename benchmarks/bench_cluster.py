@@ -250,7 +250,21 @@ def recovery(bootstrap: str, topic: str, ends: dict[int, int], tmp: Path) -> dic
     return {"a round folded again": resumed or float("nan"), "both members at the end": caught_up}
 
 
+def warm() -> None:
+    """Compile (or load) every kernel the workers use before anything is measured: a process that
+    compiles spends seconds of CPU that do not grow with the stream (the numba cache is shared)."""
+    from stream_fm.cluster.rounds import fold_round, learn_round
+
+    xs, ys = [{"ad": f"a{i % 7}", "price": float(i)} for i in range(50)], [i % 3 == 0 for i in range(50)]
+    SparseFM().learn_batch(xs, ys)
+    model = SparseFM()
+    model.learn_one(xs[0], True)
+    model.predict_proba_one(xs[1])
+    fold_round(model, [learn_round(model, xs[p::2], ys[p::2], p, 0)[0] for p in range(2)])
+
+
 def cost(bootstrap: str, n: int) -> dict:
+    warm()
     topic = ensure_topic(bootstrap, n, PARTITIONS)
     ends = end_offsets(bootstrap, topic)
     with tempfile.TemporaryDirectory() as d:
