@@ -174,13 +174,10 @@ class Worker:
 
     def restore(self) -> None:
         """Continue from the newest valid snapshot, if there is one."""
-        try:
-            model, snap = snapshot.read_newest(self.config.snapshot_dir, snapshot.restore)
-        except SnapshotError as e:
-            if snapshot.list_snapshots(self.config.snapshot_dir):
-                raise  # snapshots exist but none is valid: starting afresh would silently lose the model
-            log.info("no snapshot in %s: starting a new model (%s)", self.config.snapshot_dir, e.reason)
+        newest = self._newest_snapshot("starting a new model")
+        if newest is None:
             return
+        model, snap = newest
         if "cluster" in snap.extra:  # its join state is in the event log, its offsets are rounds'
             raise ConfigError(
                 "cluster.sync_topic",
@@ -203,14 +200,29 @@ class Worker:
             for topic, parts in snap.offsets.items()
             for partition, offset in parts.items()
         }
-        if "stats" in snap.extra:
-            self.stats = Stats.from_json(snap.extra["stats"])
-            self.baseline = Stats.from_json(snap.extra["stats"])
-        self.restored_from = snap.name
+        self._restore_stats(snap)
         log.info(
             "restored %s: %d samples, %d features, %d pending impressions, positions %s",
             snap.name, model.samples_seen, model.n_features, self.joiner.pending, self._offsets_json(),
         )  # fmt: skip
+
+    def _newest_snapshot(self, otherwise: str) -> tuple[SparseFM, snapshot.Snapshot] | None:
+        """The newest valid snapshot in the snapshot directory; None if there is none at all
+        (``otherwise``: what the worker does then, for the log)."""
+        try:
+            return snapshot.read_newest(self.config.snapshot_dir, snapshot.restore)
+        except SnapshotError as e:
+            if snapshot.list_snapshots(self.config.snapshot_dir):
+                raise  # snapshots exist but none is valid: starting afresh would silently lose the model
+            log.info("no snapshot in %s: %s (%s)", self.config.snapshot_dir, otherwise, e.reason)
+            return None
+
+    def _restore_stats(self, snap: snapshot.Snapshot) -> None:
+        """The counters as the snapshot left them (metrics count from here: the baseline)."""
+        if "stats" in snap.extra:
+            self.stats = Stats.from_json(snap.extra["stats"])
+            self.baseline = Stats.from_json(snap.extra["stats"])
+        self.restored_from = snap.name
 
     def _check_settings(self, model: SparseFM, snap: snapshot.Snapshot) -> None:
         """Refuse a snapshot whose model settings differ from the configured ones."""
@@ -240,14 +252,7 @@ class Worker:
                 records = self.source.poll(self.config.poll_timeout, self.config.batch_size)
                 if records:
                     self.process(records)
-                src = self.source
-                self.ready, self.broker_up, self.lag, self.assigned, self.group_members = (
-                    src.ready,
-                    src.broker_up,
-                    src.lag(),
-                    src.assigned(),
-                    src.group_members(),
-                )
+                self._read_source()
                 if self.source.rebalanced:
                     self.source.rebalanced = False
                     self.snapshot_now("partitions revoked")
@@ -270,6 +275,14 @@ class Worker:
             self.source.close()
             self.dead_letters.close()
             self.writer.close(self.config.shutdown_timeout)  # the snapshot root is free from here
+
+    def _read_source(self) -> None:
+        """The source's state as of now, kept for the metrics thread (which must not touch the
+        Kafka client: kafka-python's consumer is not thread-safe)."""
+        src = self.source
+        self.ready, self.broker_up, self.lag, self.assigned, self.group_members = (
+            src.ready, src.broker_up, src.lag(), src.assigned(), src.group_members(),
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ the data path
 

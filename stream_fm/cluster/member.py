@@ -45,7 +45,7 @@ from stream_fm.cluster.ledger import Ledger
 from stream_fm.cluster.status import ClusterCounters, JoinView
 from stream_fm.cluster.sync import SyncLog
 from stream_fm.deadletters import DeadLetters
-from stream_fm.errors import ConfigError, SnapshotError
+from stream_fm.errors import ConfigError
 from stream_fm.join import Joiner
 from stream_fm.sources import KafkaSource, Record
 from stream_fm.worker import Worker, WorkerConfig, join_values
@@ -119,17 +119,10 @@ class Member(Worker):
     # ------------------------------------------------------------------ lifecycle
 
     def restore(self) -> None:
-        try:
-            model, snap = snapshot.read_newest(self.config.snapshot_dir, snapshot.restore)
-        except SnapshotError as e:
-            if snapshot.list_snapshots(self.config.snapshot_dir):
-                raise
-            log.info(
-                "no snapshot in %s: replaying the sync topic from its start (%s)",
-                self.config.snapshot_dir,
-                e.reason,
-            )
+        newest = self._newest_snapshot("replaying the sync topic from its start")
+        if newest is None:
             return
+        model, snap = newest
         state = snap.extra.get("cluster")
         if state is None or state["sync_topic"] != self.cluster.sync_topic:
             was = "a single worker's" if state is None else f"sync topic {state['sync_topic']!r}'s"
@@ -144,9 +137,7 @@ class Member(Worker):
         self._ledger = Ledger.from_state(state)
         self.ledger.check(self.cluster.sync_topic, self.cluster.round_records, model.get_config())
         self.sync_offset = state["sync_offset"]
-        self.stats = type(self.stats).from_json(snap.extra["stats"])
-        self.baseline = type(self.stats).from_json(snap.extra["stats"])
-        self.restored_from = snap.name
+        self._restore_stats(snap)
         log.info(
             "restored %s: round %d folded, %d samples, sync topic from offset %d",
             snap.name,
@@ -256,8 +247,10 @@ class Member(Worker):
         self._unknown = unknown
         for p in [p for p in self.held if p not in assigned]:
             del self.held[p]
-        for p in assigned - self.held.keys():
-            self.held[p] = _Held(p, self.sync.end())
+        new = assigned - self.held.keys()
+        if new:  # read the sync topic as far as it goes now before taking them
+            end = self.sync.end()
+            self.held.update((p, _Held(p, end)) for p in new)
         for held in self.held.values():
             if not held.reading and self.sync.position >= held.sync_target:
                 self._rebuild(held)
@@ -285,7 +278,7 @@ class Member(Worker):
     def _poll(self) -> bool:
         """Take the next records of owned partitions; False if none came.
 
-        A partition read two rounds ahead takes no more: its records are dropped and read again
+        A partition read ``READ_AHEAD`` rounds ahead takes no more: its records are dropped and read again
         once it needs them (a seek), which bounds memory without pausing the consumer
         (kafka-python 3.0 stops fetching a partition that was paused and resumed: measured). It
         polls on every loop, needed or not: the consumer takes part in rebalances only while it
@@ -402,11 +395,8 @@ class Member(Worker):
         )
 
     def _status(self) -> None:
-        src = self.source
-        src.rebalanced = False  # partitions move between members: no snapshot for it
-        self.ready, self.broker_up, self.lag, self.assigned, self.group_members = (
-            src.ready, src.broker_up, src.lag(), src.assigned(), src.group_members(),
-        )  # fmt: skip
+        self.source.rebalanced = False  # partitions move between members: no snapshot for it
+        self._read_source()
         c, ledger = self.counters, self.ledger
         c.rounds = {ledger.partitions[p]: h.round for p, h in self.held.items()}
         c.merged = ledger.merged
