@@ -280,9 +280,7 @@ def _member(args: argparse.Namespace, c: Any, source: Any, worker_config: Any, d
             "unset unless `stream-fm run` reads Kafka (bootstrap_servers)",
         )
     sync = SyncLog(c.kafka.bootstrap_servers, c.cluster.sync_topic, client_config=c.kafka_client_config())
-    cluster = ClusterConfig(
-        c.cluster.sync_topic, c.cluster.round_records, c.cluster.round_timeout, c.cluster.merge_rule
-    )
+    cluster = ClusterConfig(c.cluster.sync_topic, c.cluster.round_records, c.cluster.round_timeout)
     return Member(source, worker_config, cluster, sync, dead)
 
 

@@ -329,14 +329,6 @@ SETTINGS: tuple[Setting, ...] = (
         "--round-timeout",
         min=0.01,
     ),
-    S(
-        "cluster",
-        "merge_rule",
-        str,
-        "mean",
-        "how a row several partitions trained in a round is merged",
-        choices=("mean", "sqrt", "sum", "adagrad"),
-    ),
     # -- metrics
     S("metrics", "enabled", bool, True, "serve /metrics, /healthz, /readyz", "--metrics"),
     S("metrics", "host", str, "127.0.0.1", "bind address (0.0.0.0: all interfaces)", "--metrics-host"),

@@ -9,10 +9,11 @@ import pytest
 from stream_fm import ConfigError
 from stream_fm.cluster.delta import Delta, encode
 from stream_fm.cluster.ledger import Boundary, Ledger
-from stream_fm.cluster.sync import encode_genesis
+from stream_fm.cluster.sync import GENESIS_FORMAT, decode_genesis, encode_genesis
+from stream_fm.errors import DeltaError
 
 GENESIS = {
-    "format": 1,
+    "format": GENESIS_FORMAT,
     "partitions": [["events", 0, 0], ["events", 1, 10]],
     "round_records": 100,
     "model": {"n_factors": 8},
@@ -81,3 +82,12 @@ def test_a_member_with_other_settings_is_refused_naming_the_key():
         ledger.check("sync", 2000, {"n_factors": 8})
     with pytest.raises(ConfigError, match=r"model.*n_factors"):
         ledger.check("sync", 100, {"n_factors": 4})
+
+
+def test_a_cluster_of_the_earlier_format_is_refused_naming_both_formats():
+    """Format 1 rounds carried changes of the model; a member of this release cannot follow them."""
+    with pytest.raises(ConfigError, match=r"cluster\.sync_topic.*format 1.*format 2"):
+        Ledger({**GENESIS, "format": 1}).check("sync", 100, {"n_factors": 8})  # (a snapshot's genesis)
+    old = encode_genesis(GENESIS).replace(b'"format":2', b'"format":1')
+    with pytest.raises(DeltaError, match="format 1.*format 2"):
+        decode_genesis(old)  # (the topic's)

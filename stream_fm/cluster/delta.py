@@ -1,9 +1,9 @@
 """A partition's delta for one round, and its wire format on the sync topic (cluster mode).
 
-A :class:`Delta` is what one round of one partition changed in the model: named numeric arrays
-(the rows it touched, by key, and the changes of their parameters and optimizer state) plus a
-JSON-able ``meta`` (offsets, counters). Members exchange deltas as Kafka messages, so the format
-is a contract between processes, and between releases:
+A :class:`Delta` is what one partition adds to one round: named numeric arrays (the samples it
+made, packed: :mod:`stream_fm.cluster.rounds`) plus a JSON-able ``meta`` (offsets, counters).
+Members exchange deltas as Kafka messages, so the format is a contract between processes, and
+between releases (format 2: samples; format 1 carried changes of the model, and is refused):
 
 - **payload**: ``b"SFMD"``, a little-endian u32 header length, the header (JSON, UTF-8:
   ``format``, ``partition``, ``round``, ``meta``, and ``arrays`` as ``[name, dtype, shape]``), then
@@ -34,7 +34,7 @@ from stream_fm.errors import ConfigError, DeltaError
 
 __all__ = ["ALLOWED_DTYPES", "FORMAT", "Assembler", "Delta", "chunk_key", "encode"]
 
-FORMAT = 1
+FORMAT = 2
 PAYLOAD_MAGIC = b"SFMD"
 CHUNK_MAGIC = b"SFMC"
 # numeric types only, little-endian (or byte-sized): a delta never carries an object array

@@ -4,7 +4,7 @@ their round to be complete, the rounds folded, and where every partition stands.
 Every member reads the same messages in the same order, so every member's ledger says the same:
 the first complete copy of a partition's round in the log counts (a second copy, from a member
 that took the partition over meanwhile, is ignored), and a round is folded once every partition's
-delta for it is in, in partition order (:func:`stream_fm.cluster.rounds.fold_round`).
+delta for it is in, in partition order (:func:`stream_fm.cluster.rounds.fold_round` learns their samples).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from stream_fm.cluster.delta import Assembler, Delta, chunk_key
-from stream_fm.cluster.sync import GENESIS_MAGIC
+from stream_fm.cluster.sync import GENESIS_FORMAT, GENESIS_MAGIC
 from stream_fm.errors import ConfigError
 
 __all__ = ["Boundary", "Ledger"]
@@ -52,7 +52,15 @@ class Ledger:
         self.assembler = Assembler()
 
     def check(self, sync_topic: str, round_records: int, model_config: dict[str, Any]) -> None:
-        """Refuse to follow a cluster begun with other settings."""
+        """Refuse to follow a cluster begun with other settings, or by another release's format."""
+        if self.genesis.get("format") != GENESIS_FORMAT:
+            raise ConfigError(
+                "cluster.sync_topic",
+                sync_topic,
+                f"a cluster of this release: {sync_topic!r} began as format {self.genesis.get('format')!r}, "
+                f"this release reads format {GENESIS_FORMAT} (rounds of samples): start a new sync topic "
+                "and give the members empty snapshot directories",
+            )
         ours = {"round_records": round_records, "model": json.loads(json.dumps(model_config))}
         for key, value in ours.items():
             if self.genesis[key] != value:

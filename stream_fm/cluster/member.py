@@ -3,21 +3,24 @@
 The consumer group decides which member owns which partition of the events; the sync topic
 (:mod:`stream_fm.cluster.sync`) carries every partition's rounds to every member. Per loop::
 
-    sync topic -> deltas -> fold each round once every partition's delta is in (partition order)
-    events     -> owned partitions' records -> a round's records joined, learned on the base,
-                  undone, published as the partition's delta (rounds.learn_round)
+    sync topic -> rounds' samples -> fold each round once every partition's samples are in:
+                  learn them, in partition order (rounds.fold_round)
+    events     -> owned partitions' records -> a round's records joined into samples,
+                  published as the partition's delta for the round (rounds.pack_round)
 
 Round r of a partition is its next ``round_records`` records after round r - 1 (the first begins
-at the offset the cluster's genesis recorded), so boundaries depend on the log only. A member
-learns round r once the base holds every round before it (staleness 0): every member folds the
-same deltas in the same order, so all hold the same numbers, and the model does not depend on how
-many members there are or who owned what. A round closes early only when its partition stalls
-(no records for ``round_timeout`` seconds, nothing left to read): the end it reached is in the
-delta, so replay stays exact, but the model then depends on timing (docs/operations.md).
+at the offset the cluster's genesis recorded), so boundaries depend on the log only. Every member
+learns the same samples in the same order, so all hold the same numbers, and the model does not
+depend on how many members there are or who owned what. An owner publishes up to
+``PUBLISH_AHEAD`` rounds past the one the cluster folds next, so that waiting for the slowest
+partition overlaps with reading. A round closes early only when its partition stalls (no records
+for ``round_timeout`` seconds, nothing left to read) and it is the round every member waits for:
+the end it reached is in the delta, so replay stays exact, but the model then depends on timing
+(docs/operations.md).
 
 Each partition's click join is its own: each delta records the lowest offset whose impression
 the join still holds (pending, or remembered as closed), and the event time reached; whoever owns
-the partition next re-reads from there, rebuilding the join without training anything, and goes
+the partition next re-reads from there, rebuilding the join without publishing anything, and goes
 on from the round boundary. The first delta of a round in the sync topic counts; a member that
 finds another's delta for a partition it owns rebuilds that partition from it.
 
@@ -50,11 +53,12 @@ from stream_fm.join import Joiner
 from stream_fm.sources import KafkaSource, Record
 from stream_fm.worker import Worker, WorkerConfig, join_values
 
-__all__ = ["READ_AHEAD", "ClusterConfig", "Member"]
+__all__ = ["PUBLISH_AHEAD", "READ_AHEAD", "ClusterConfig", "Member"]
 
 log = logging.getLogger(__name__)
 
-READ_AHEAD = 5  # rounds a partition's records are read ahead of the one it learns (then dropped)
+READ_AHEAD = 5  # rounds of a partition's records held unpublished (more are dropped, read again)
+PUBLISH_AHEAD = 2  # rounds an owner publishes past the one the cluster folds next
 
 
 @dataclass
@@ -62,7 +66,6 @@ class ClusterConfig:
     sync_topic: str
     round_records: int = 2000
     round_timeout: float = 2.0
-    merge_rule: str = "mean"
 
 
 @dataclass
@@ -97,8 +100,6 @@ class Member(Worker):
     ) -> None:
         super().__init__(source, config, dead_letters)
         rounds.check_model(self.model)
-        if cluster.merge_rule not in rounds.RULES:
-            raise ConfigError("cluster.merge_rule", cluster.merge_rule, f"one of {', '.join(rounds.RULES)}")
         self.source: KafkaSource = source
         self.cluster = cluster
         self.sync = sync
@@ -158,7 +159,7 @@ class Member(Worker):
         try:
             while not stop.is_set():
                 now = time.monotonic()
-                if self.held and all(h.reading and h.round > self.ledger.merged for h in self.held.values()):
+                if self.held and all(self._blocked(h) for h in self.held.values()):
                     self.counters.wait_seconds += now - last  # (idle on the others' rounds)
                 last = now
                 self._read_sync(0.0)
@@ -219,11 +220,12 @@ class Member(Worker):
 
     def _fold(self, deltas: list[Delta]) -> None:
         """Fold a round (one delta per partition) into the model; the counters follow."""
-        learned = [d for d in deltas if d.meta["samples"]]
         t = time.perf_counter()
-        if learned:
-            rounds.fold_round(self.model, learned, self.cluster.merge_rule)
+        probs = rounds.fold_round(self.model, deltas)
         self.counters.fold_seconds += time.perf_counter() - t
+        if len(probs):
+            labels = [d.arrays["labels"] for d in deltas if d.meta["samples"]]
+            self.quality.update(probs, np.concatenate(labels).astype(np.float64))
         for d in deltas:
             m = d.meta
             self.stats.events.update(m["events"])
@@ -317,14 +319,18 @@ class Member(Worker):
         self.source.seek(*self.ledger.partitions[held.index], offset, held.epoch)
 
     def _close_rounds(self) -> None:
+        full = self.cluster.round_records
         for held in self.held.values():
-            if not held.reading or held.round != self.ledger.merged:
-                continue  # rebuilding, or its round is learned and the others' are not in yet
+            while held.reading and not self._blocked(held) and len(held.offsets) >= full:
+                self._publish(held, full)
             n = len(held.offsets)
-            if n >= self.cluster.round_records:
-                self._learn(held, self.cluster.round_records)
-            elif self._stalled(held) and (n or self._others_moved(held)):
-                self._learn(held, n)
+            if held.reading and held.round == self.ledger.merged and n < full:
+                if self._stalled(held) and (n or self._others_moved(held)):
+                    self._publish(held, n)  # the round everyone waits for, and no records come
+
+    def _blocked(self, held: _Held) -> bool:
+        """Published as far ahead of the folded rounds as an owner may (or rebuilding)."""
+        return held.reading and held.round >= self.ledger.merged + PUBLISH_AHEAD
 
     def _stalled(self, held: _Held) -> bool:
         """Nothing left to read (as the consumer reported after the partition's last seek: records
@@ -340,8 +346,8 @@ class Member(Worker):
         """Another partition's round had records (else an idle cluster would churn empty rounds)."""
         return any(d.meta["records"] for d in self.ledger.waiting.get(held.round, {}).values())
 
-    def _learn(self, held: _Held, n: int) -> None:
-        """Join, learn and publish the partition's round from its next ``n`` records."""
+    def _publish(self, held: _Held, n: int) -> None:
+        """Join the partition's next ``n`` records and publish their samples as its round."""
         topic, partition = self.ledger.partitions[held.index]
         offsets, keys, values = held.offsets[:n], held.keys[:n], held.values[:n]
         xs: list[dict[str, Any]] = []
@@ -365,21 +371,16 @@ class Member(Worker):
         ids = held.joiner.ids()
         held.offset_of = {i: held.offset_of[i] for i in ids}
         low = min(held.offset_of.values(), default=end)
-        if xs:
-            delta, probs = rounds.learn_round(self.model, xs, ys, held.index, held.round)
-            self.quality.update(probs, np.array(ys, np.float64))
-        else:
-            delta = Delta(held.index, held.round, meta={"skipped": 0, "newly_trained": 0})
+        delta = rounds.pack_round(xs, ys, held.index, held.round)
         positives = sum(ys)
         max_ts = held.joiner.max_ts if held.joiner.max_ts != float("-inf") else None
         delta.meta.update(
-            samples=len(xs),
             start=held.start, end=end, low=low, max_ts=max_ts, records=n, events=dict(counts),
             bad=dict(bad), trained={"1": positives, "0": len(ys) - positives}, newest_ts=newest, by=self.id,
         )  # fmt: skip
         c = self.counters
         c.delta_bytes += self.sync.publish(delta)
-        c.delta_keys += len(delta.arrays.get("key_offsets", ())) - 1 if xs else 0
+        c.delta_keys += delta.meta["keys"]
         c.rounds_published += 1
         held.round += 1
         held.start = end

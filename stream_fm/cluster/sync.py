@@ -28,7 +28,8 @@ __all__ = ["GENESIS_MAGIC", "SyncLog", "decode_genesis", "encode_genesis"]
 log = logging.getLogger(__name__)
 
 GENESIS_MAGIC = b"SFMG"
-GENESIS_FORMAT = 1
+# 2: rounds carry samples, learned by every member (1: they carried changes of the model, merged)
+GENESIS_FORMAT = 2
 _U32 = struct.Struct("<I")
 
 
@@ -46,8 +47,14 @@ def decode_genesis(message: bytes) -> dict[str, Any] | None:
         genesis = json.loads(bytes(message[8 : 8 + length]))
     except ValueError as e:
         raise DeltaError(f"the sync topic's genesis is not JSON: {e}") from e
-    if not isinstance(genesis, dict) or genesis.get("format") != GENESIS_FORMAT:
-        raise DeltaError(f"the sync topic's genesis has an unknown format: {str(genesis)[:200]}")
+    if not isinstance(genesis, dict):
+        raise DeltaError(f"the sync topic's genesis is not a JSON object: {str(genesis)[:200]}")
+    if genesis.get("format") != GENESIS_FORMAT:
+        raise DeltaError(
+            f"the sync topic's genesis is format {genesis.get('format')!r}; this release reads format "
+            f"{GENESIS_FORMAT} (its rounds carry samples, not changes of the model): start a new sync "
+            "topic and give the members empty snapshot directories"
+        )
     return genesis
 
 
