@@ -3,16 +3,16 @@
 - **Quality**: progressive log loss of a cluster of 6 partitions against the single learner on
   the same stream, for several ``round_records``, on three kinds of stream (sparse ids, a dense
   table with numeric fields, rare positives), with curves. In process, on the package's own rounds
-  (``sim_merge.cluster``: ``learn_round``/``fold_round``): the cluster's model does not depend on
-  how many members learn it (tests/test_cluster_kafka.py), so one process computes exactly what
-  any number of members would.
+  (``cluster`` below: ``pack_round`` as an owner publishes, ``fold_round`` as every member folds):
+  the cluster's model does not depend on how many members learn it (tests/test_cluster_kafka.py),
+  so one process computes exactly what any number of members would.
 - **Cost**: real ``stream-fm run`` processes on the local broker (deploy/kafka/kafka-local.sh,
   started if needed) and a 6-partition topic of demo events: CPU-seconds per event of a single
   worker and of clusters of 1, 2 and 3 members (their Kafka fetch processes included; the broker's
   own CPU beside it), delta bytes per event, fold and wait time per round, and the recovery after
   ``kill -9`` of one of two members.
 - **Bandwidth**: the sync topic's bytes per event as published, and what compact encodings would
-  make of the same deltas (float32 values, zlib).
+  make of the same rounds (float32 values, zlib).
 - **Scale, on paper**: events/s of N = 1..32 members from the measured per-event costs.
 
     python benchmarks/bench_cluster.py [--events 300000] [--rounds 500 2000 10000] [--skip-quality]
@@ -38,18 +38,39 @@ import suite
 from bench_e2e import broker, end_offsets, ensure_topic
 from bench_quality import log_loss
 from common import machine, print_table
-from sim_merge import STREAMS, cluster
 
 from stream_fm import SparseFM, snapshot
 from stream_fm.cluster.delta import Assembler
+from stream_fm.cluster.rounds import fold_round, pack_round
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 PARTITIONS = 6
 DEFAULT_ROUND = 2000
+STREAMS = {  # the three kinds the issue names, from the quality suite (benchmarks/suite.py)
+    "sparse ids (planted FM, 200k)": "planted FM, enough (200k)",
+    "dense table (census-like, 48.8k)": "census-like table (48.8k)",
+    "rare positives (100k, CTR 0.5%)": "rare positives (100k, CTR 0.5%)",
+}
 
 
 # ---------------------------------------------------------------------------------- quality
+
+
+def cluster(stream: list, partitions: int, round_records: int) -> np.ndarray:
+    """Progressive predictions of a cluster, in stream order: samples go round-robin to the
+    partitions (as producers keyed by impression id spread them); round r of a partition is its
+    next ``round_records`` samples, packed as its owner publishes them, and every round is folded
+    as every member folds it (each sample predicted, then learned)."""
+    parts = [np.arange(p, len(stream), partitions) for p in range(partitions)]
+    out = np.empty(len(stream))
+    model = SparseFM()
+    for r, start in enumerate(range(0, max(map(len, parts)), round_records)):
+        idx = [part[start : start + round_records] for part in parts]
+        samples = [([stream[i][0] for i in ix], [stream[i][1] for i in ix]) for ix in idx]
+        deltas = [pack_round(xs, ys, p, r) for p, (xs, ys) in enumerate(samples)]
+        out[np.concatenate(idx)] = fold_round(model, deltas)
+    return out
 
 
 def quality(rounds: list[int]) -> dict:
@@ -61,7 +82,7 @@ def quality(rounds: list[int]) -> dict:
         base = log_loss(single, y)
         cells = []
         for r in rounds:
-            p = cluster(stream, PARTITIONS, r, "mean")
+            p = cluster(stream, PARTITIONS, r)
             ll = log_loss(p, y)
             cells.append(f"{ll:.4f} ({100 * (ll / base - 1):+.2f}%)")
             print(f"  {title}, {r} records a round: {cells[-1]}", file=sys.stderr, flush=True)
@@ -191,7 +212,7 @@ def run(bootstrap: str, topic: str, ends: dict[int, int], members: int | None, t
 
 
 def sync_bytes(bootstrap: str, sync: str) -> dict[str, float]:
-    """The sync topic's deltas as published, and encoded more compactly."""
+    """The sync topic's rounds as published, and encoded more compactly."""
     from kafka import KafkaConsumer
 
     reader = KafkaConsumer(
@@ -212,7 +233,7 @@ def sync_bytes(bootstrap: str, sync: str) -> dict[str, float]:
         sizes["zlib"] += len(zlib.compress(raw, 1))
         sizes["float32"] += len(small)
         sizes["float32 + zlib"] += len(zlib.compress(small, 1))
-        sizes["keys"] += max(0, len(delta.arrays.get("key_offsets", ())) - 1)
+        sizes["keys"] += delta.meta["keys"]
     reader.close()
     return sizes
 
@@ -253,14 +274,12 @@ def recovery(bootstrap: str, topic: str, ends: dict[int, int], tmp: Path) -> dic
 def warm() -> None:
     """Compile (or load) every kernel the workers use before anything is measured: a process that
     compiles spends seconds of CPU that do not grow with the stream (the numba cache is shared)."""
-    from stream_fm.cluster.rounds import fold_round, learn_round
-
     xs, ys = [{"ad": f"a{i % 7}", "price": float(i)} for i in range(50)], [i % 3 == 0 for i in range(50)]
     SparseFM().learn_batch(xs, ys)
     model = SparseFM()
     model.learn_one(xs[0], True)
     model.predict_proba_one(xs[1])
-    fold_round(model, [learn_round(model, xs[p::2], ys[p::2], p, 0)[0] for p in range(2)])
+    fold_round(model, [pack_round(xs[p::2], ys[p::2], p, 0) for p in range(2)])
 
 
 def cost(bootstrap: str, n: int) -> dict:
@@ -299,11 +318,11 @@ def cost(bootstrap: str, n: int) -> dict:
     )  # fmt: skip
     print()
     print_table(
-        ["encoding of the 1-member run's deltas", "bytes/event", "vs published"],
+        ["encoding of the 1-member run's rounds", "bytes/event", "vs published"],
         [(k, f"{v / n:.0f}", f"{v / sizes['published']:.2f}") for k, v in sizes.items() if k != "keys"],
     )
     published = runs["cluster, 1 member"]["counters"][0]["stream_fm_cluster_rounds_published_total"]
-    print(f"\nkeys per round and partition: {sizes['keys'] / max(1, published):.0f}")
+    print(f"\nfeature keys per round and partition: {sizes['keys'] / max(1, published):.0f}")
     times = ", ".join(f"{k}: {v:.1f} s" for k, v in killed.items())
     print(f"kill -9 of one of two members, restarted at once: {times}")
     return {"n": n, "runs": runs, "sizes": sizes, "recovery": killed}
@@ -311,10 +330,10 @@ def cost(bootstrap: str, n: int) -> dict:
 
 def scale(result: dict) -> None:
     """Events/s of N members, each on its own core (plus its fetch process), from the 1-member
-    run: every member learns its share of the events but folds all of them."""
+    run: every member reads and joins its share of the events but folds (learns) all of them."""
     n, r = result["n"], result["runs"]["cluster, 1 member"]
     fold = r["counters"][0]["stream_fm_cluster_fold_seconds_total"] / n  # s per event folded
-    own = r["cpu"] / n - fold  # s per event owned: fetch, parse, join, learn, encode, publish
+    own = r["cpu"] / n - fold  # s per event owned: fetch, parse, join, pack, publish, read back
     rows = []
     for members in (1, 2, 4, 8, 16, 32):
         rate = 1 / (own / members + fold)  # each member: own/N of the events + every fold
@@ -322,7 +341,7 @@ def scale(result: dict) -> None:
     print_table(["members", "events/s (on paper)", "share of a member's time spent folding"], rows)
     print(
         f"\nown work {1e6 * own:.1f} µs/event (two processes per member), folding {1e6 * fold:.2f} "
-        f"µs/event (every member folds every event): the merge limits it near {own / fold:.0f} members"
+        f"µs/event (every member folds every event): folding limits it near {own / fold:.0f} members"
     )
 
 
@@ -337,7 +356,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"machine: {machine()}\npartitions: {PARTITIONS}; broker: kafka-local.sh, same machine\n")
     if not args.skip_quality:
-        print("## Quality: progressive log loss, merge rule mean\n")
+        print("## Quality: progressive log loss\n")
         quality(args.rounds)
         print()
     if not args.skip_cost:

@@ -89,5 +89,5 @@ def test_a_cluster_of_the_earlier_format_is_refused_naming_both_formats():
     with pytest.raises(ConfigError, match=r"cluster\.sync_topic.*format 1.*format 2"):
         Ledger({**GENESIS, "format": 1}).check("sync", 100, {"n_factors": 8})  # (a snapshot's genesis)
     old = encode_genesis(GENESIS).replace(b'"format":2', b'"format":1')
-    with pytest.raises(DeltaError, match="format 1.*format 2"):
+    with pytest.raises(DeltaError, match=r"format 1.*format 2"):
         decode_genesis(old)  # (the topic's)
