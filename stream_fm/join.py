@@ -48,6 +48,9 @@ class Joiner:
         self._deadlines: list[tuple[float, int, str]] = []  # heap of (ts + window, arrival no, id)
         self._closed: OrderedDict[str, tuple[float, int]] = OrderedDict()  # id -> (forget after, label)
         self._arrivals = 0
+        # when the oldest closed id is due to be forgotten (-inf: too many remembered, +inf: none),
+        # so that advancing event time checks one number instead of the OrderedDict's first item
+        self._forget_at = float("inf")
         self.max_ts = float("-inf")
         # counters (the metrics layer reads them)
         self.duplicates = 0  # repeated impressions and repeated clicks
@@ -117,8 +120,8 @@ class Joiner:
         if ts <= self.max_ts:
             return []
         self.max_ts = ts
-        watermark = self.watermark
-        out = []
+        watermark = ts - self.allowed_lateness
+        out: list[LabelledSample] = []
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] < watermark:
             if deadlines[0][2] in self._pending:
@@ -127,11 +130,14 @@ class Joiner:
                 heapq.heappop(deadlines)  # clicked meanwhile: nothing to close
         # closed ids are forgotten one window after their own window closed
         horizon = watermark - self.attribution_window
-        while self._closed:
-            first = next(iter(self._closed))
-            if self._closed[first][0] >= horizon and len(self._closed) <= self.max_pending:
-                break
-            del self._closed[first]
+        if self._forget_at < horizon:
+            closed = self._closed
+            while closed:
+                first = next(iter(closed))
+                if closed[first][0] >= horizon and len(closed) <= self.max_pending:
+                    break
+                del closed[first]
+            self._forget_at = closed[next(iter(closed))][0] if closed else float("inf")
         return out
 
     def _close_next(self) -> LabelledSample:
@@ -144,7 +150,11 @@ class Joiner:
                 return (False, pending[1], pending[0])
 
     def _remember(self, id: str, deadline: float, label: int) -> None:
+        if not self._closed:
+            self._forget_at = deadline
         self._closed[id] = (deadline, label)
+        if len(self._closed) > self.max_pending:
+            self._forget_at = float("-inf")  # (the next advance forgets the oldest)
 
     # ------------------------------------------------------------------ state for snapshots
 
@@ -197,7 +207,7 @@ class Joiner:
             joiner._deadlines.append((ts + joiner.attribution_window, n, id))
         heapq.heapify(joiner._deadlines)
         for id, deadline, label in state["closed"]:
-            joiner._closed[id] = (deadline, label)
+            joiner._remember(id, deadline, label)
         (
             joiner.duplicates,
             joiner.late_clicks,

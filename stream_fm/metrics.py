@@ -211,21 +211,21 @@ def _cluster_series(c: Any) -> Iterator[Metric]:
     )
     yield _counter(
         "stream_fm_cluster_wait_seconds",
-        "Time every partition this member owns had its round learned and waited for the others'",
+        "Time every partition this member owns had published as far ahead as it may, waiting for others'",
         c.wait_seconds,
     )
     yield _counter(
         "stream_fm_cluster_records_reread",
-        "Records read too far ahead, dropped to be read again",
+        "Records fetched too far ahead or before a seek, dropped to be read again",
         c.records_reread,
     )
     yield _counter(
         "stream_fm_cluster_fold_seconds", "Time spent folding rounds into the model", c.fold_seconds
     )
     yield _counter("stream_fm_cluster_rounds_published", "Rounds this member published", c.rounds_published)
-    yield _counter("stream_fm_cluster_delta_bytes", "Bytes of deltas this member published", c.delta_bytes)
+    yield _counter("stream_fm_cluster_delta_bytes", "Bytes of rounds this member published", c.delta_bytes)
     yield _counter(
-        "stream_fm_cluster_delta_keys", "Keys (rows) in the deltas this member published", c.delta_keys
+        "stream_fm_cluster_delta_keys", "Feature keys in the samples this member published", c.delta_keys
     )
 
 

@@ -238,11 +238,7 @@ class Worker:
         """Process until ``stop`` is set or a finite source ends; then a final snapshot."""
         stop = stop or threading.Event()
         self.restore()
-        # The model's key index and the pending impressions are millions of long-lived objects:
-        # moved out of the cyclic collector's sight (and re-frozen after each snapshot), full
-        # collections stop walking them; a larger first threshold makes young collections rarer.
-        gc.freeze()
-        gc.set_threshold(50_000, 20, 100)
+        self._tune_gc()
         self.source.start(self.positions)
         last_progress = time.monotonic()
         fraction = getattr(self.source, "fraction", None)  # finite sources (a replayed file)
@@ -396,6 +392,15 @@ class Worker:
             self.source.commit(positions)
             log.info("%s snapshot %s written and its offsets committed", why, self.writer.last_path.name)
         return ok
+
+    @staticmethod
+    def _tune_gc() -> None:
+        """The model's key index and the pending impressions are millions of long-lived objects:
+        moved out of the cyclic collector's sight (and re-frozen after each snapshot), full
+        collections stop walking them; a larger first threshold makes young collections rarer
+        (a worker makes a few dicts per event, nearly none of them cyclic)."""
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 100)
 
     def _durable(self) -> None:
         self._written = self.writer.written

@@ -196,6 +196,65 @@ def reference(kafka, stream, tmp_path_factory):
     return single_member(kafka, topic, ends, impressions, tmp_path_factory.mktemp("reference"))
 
 
+def _skip(index: int, reason: str, detail: str) -> None:
+    """A bad record (the stream has some): dead-lettered by the members, never trained."""
+
+
+def round_order_model(kafka, topic: str, round_records: int) -> tuple[dict, dict]:
+    """The single learner (the members' default settings) on the topic's samples in round order:
+    each partition's records joined by a join of its own and cut into rounds of
+    ``round_records``; round r of partition 0, of partition 1, ..., then round r + 1. Rounds a
+    partition has no records for are empty (the members close them once the partition stalls)."""
+    from collections import Counter
+
+    from kafka import KafkaConsumer, TopicPartition
+
+    from stream_fm import SparseFM, config
+    from stream_fm.join import Joiner
+    from stream_fm.worker import join_values
+
+    reader = KafkaConsumer(bootstrap_servers=kafka.bootstrap, consumer_timeout_ms=3000)
+    reader.assign([TopicPartition(topic, p) for p in range(PARTITIONS)])
+    reader.seek_to_beginning()
+    values: dict[int, list[bytes]] = {p: [] for p in range(PARTITIONS)}
+    for m in reader:
+        values[m.partition].append(m.value)
+    reader.close()
+    rounds: dict[int, list[tuple[list, list]]] = {}
+    for records in values.values():  # (in partition order)
+        joiner = Joiner(WINDOW, LATENESS, 1_000_000)
+        for r, start in enumerate(range(0, len(records), round_records)):
+            xs: list = []
+            ys: list = []
+            join_values(records[start : start + round_records], joiner, 1 << 20, _skip, xs, ys, Counter())
+            rounds.setdefault(r, []).append((xs, ys))
+    model = SparseFM(**config.load(environ={}).model_kwargs())
+    for r in sorted(rounds):
+        model.learn_batch([x for xs, _ in rounds[r] for x in xs], [y for _, ys in rounds[r] for y in ys])
+    arrays = (model._w, model._V, model._gw, model._gV, model._last)
+    rows = {
+        key: b"".join(np.ascontiguousarray(a[row]).tobytes() for a in arrays)
+        for key, row in model._index.as_dict().items()
+        if model._last[row] >= 0
+    }
+    return rows, {"bias": model._bias.tobytes(), "samples_seen": model.samples_seen}
+
+
+def test_a_cluster_learns_what_the_single_learner_learns_from_the_stream_in_round_order(
+    kafka, stream, reference
+):
+    """No merge stands between the cluster and the single learner: the members' model is, bit for
+    bit, SparseFM.learn_batch on every partition's samples in round order (computed here from the
+    topic's records, without stream-fm's cluster code)."""
+    topic, _, _ = stream
+    rows, dense = round_order_model(kafka, topic, 400)
+    assert dense["samples_seen"] == reference[1]["samples_seen"]
+    assert dense["bias"] == reference[1]["bias"]
+    assert rows.keys() == reference[0].keys()
+    differ = [k for k in rows if rows[k] != reference[0][k]]
+    assert not differ, f"{len(differ)} keys differ: {differ[:5]}"
+
+
 @pytest.mark.parametrize("members", [2, 3])
 def test_two_and_three_members_learn_the_single_members_model_bit_for_bit(
     kafka, stream, reference, topic_factory, tmp_path, members

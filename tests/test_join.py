@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import json
 import random
 
@@ -125,3 +126,36 @@ def test_a_capture_is_the_state_at_capture_time_whatever_follows():
     captured = j.capture()
     feed(j, events[600:])
     assert json.loads(json.dumps(captured())) == expected
+
+
+class _EveryTime(Joiner):
+    """The join as it was before it kept the oldest closed id's deadline: every advance looks at
+    the first remembered id."""
+
+    def _advance(self, ts):
+        if ts <= self.max_ts:
+            return []
+        self.max_ts = ts
+        out = []
+        while self._deadlines and self._deadlines[0][0] < self.watermark:
+            if self._deadlines[0][2] in self._pending:
+                out.append(self._close_next())
+            else:
+                heapq.heappop(self._deadlines)
+        horizon = self.watermark - self.attribution_window
+        while self._closed:
+            first = next(iter(self._closed))
+            if self._closed[first][0] >= horizon and len(self._closed) <= self.max_pending:
+                break
+            del self._closed[first]
+        return out
+
+
+@pytest.mark.parametrize("max_pending", [20, 1000])  # 20: ids forgotten for room too
+def test_forgetting_closed_ids_is_what_looking_every_time_gives(max_pending):
+    events = random_events(3000, seed=5)
+    fast = Joiner(attribution_window=30, allowed_lateness=5, max_pending=max_pending)
+    plain = _EveryTime(attribution_window=30, allowed_lateness=5, max_pending=max_pending)
+    assert feed(fast, events) == feed(plain, events)
+    assert fast.export_state() == plain.export_state()
+    assert (fast.orphan_clicks, fast.late_clicks) == (plain.orphan_clicks, plain.late_clicks)

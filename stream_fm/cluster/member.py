@@ -57,7 +57,7 @@ __all__ = ["PUBLISH_AHEAD", "READ_AHEAD", "ClusterConfig", "Member"]
 
 log = logging.getLogger(__name__)
 
-READ_AHEAD = 5  # rounds of a partition's records held unpublished (more are dropped, read again)
+READ_AHEAD = 10  # rounds of a partition's records held unpublished (more are dropped, read again)
 PUBLISH_AHEAD = 2  # rounds an owner publishes past the one the cluster folds next
 
 
@@ -153,6 +153,7 @@ class Member(Worker):
         self.sync.start(self.sync_offset)
         if self._ledger is None:
             self._begin()
+        self._tune_gc()
         self.source.start({})
         last_progress = time.monotonic()
         last = time.monotonic()
@@ -163,11 +164,11 @@ class Member(Worker):
                     self.counters.wait_seconds += now - last  # (idle on the others' rounds)
                 last = now
                 self._read_sync(0.0)
+                self.sync.check_sent()
                 self._follow_assignment()
-                idle = not self._poll()
+                self._poll()  # (waits up to 20 ms for records: never on the sync topic, see _poll)
                 self._close_rounds()
-                if idle:
-                    self._read_sync(0.02)
+                self._read_sync(0.0)
                 self._status()
                 self._maybe_snapshot()
                 self._commit_if_durable()
@@ -198,6 +199,7 @@ class Member(Worker):
     def _catch_up(self, timeout: float = 30.0) -> None:
         """Read the sync topic to its end and fold what is complete (shutdown: the final
         snapshot then holds every round the cluster has finished)."""
+        self.sync.flush()  # this member's own rounds too
         end, deadline = self.sync.end(), time.monotonic() + timeout
         while self.sync.position < end and time.monotonic() < deadline:
             self._read_sync(0.2)
@@ -295,8 +297,11 @@ class Member(Worker):
         now = time.monotonic()
         for batch in batches:
             held = self.held.get(self.ledger.index.get((batch.topic, batch.partition), -1))
-            if held is None or not held.reading or batch.epoch != held.epoch or held.refetch is not None:
-                continue  # fetched before a seek, for a partition no longer ours, or too far ahead
+            if held is None or not held.reading:
+                continue  # a partition no longer ours, or being rebuilt (a seek follows)
+            if batch.epoch != held.epoch or held.refetch is not None:
+                self.counters.records_reread += len(batch.offsets)  # fetched before a seek, or too far ahead
+                continue
             held.last_arrival = now
             cut = bisect.bisect_left(batch.offsets, held.start)
             if cut:  # the join's re-read: before the round boundary, trained already

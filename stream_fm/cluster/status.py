@@ -17,7 +17,7 @@ class ClusterCounters:
     rounds: dict[tuple[str, int], int] = field(default_factory=dict)  # owned partition -> round
     merged: int = 0  # rounds folded
     records_waiting: int = 0  # read, not learned yet
-    records_reread: int = 0  # read too far ahead: dropped, to be read again
+    records_reread: int = 0  # fetched too far ahead or before a seek: dropped, to be read again
     wait_seconds: float = 0.0  # every owned partition's round learned, the others' not in yet
     fold_seconds: float = 0.0
     rounds_published: int = 0

@@ -17,6 +17,7 @@ import json
 import logging
 import struct
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -79,6 +80,7 @@ class SyncLog:
         self._consumer: Any = None
         self._producer: Any = None
         self._tp: Any = None
+        self._sent: deque[Any] = deque()  # the producer's futures not known to be delivered yet
 
     def start(self, offset: int) -> None:
         from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -192,12 +194,28 @@ class SyncLog:
             reader.seek(tp, keep)
 
     def publish(self, delta: wire.Delta) -> int:
-        """Send a delta's messages; returns the bytes sent (delivery is checked by reading back)."""
+        """Send a delta's messages (without waiting for them: :meth:`check_sent`); the bytes sent."""
         messages = wire.encode(delta, self.max_message_bytes)
-        for m in messages:
-            self._producer.send(self.topic, m)
-        self._producer.flush(timeout=30)
+        self._sent.extend(self._producer.send(self.topic, m) for m in messages)
+        self.check_sent()
         return sum(len(m) for m in messages)
+
+    def check_sent(self) -> None:
+        """Raise if a message sent earlier failed for good (the producer retries first): its round
+        would never be folded, so the member stops. Sending does not wait for the broker: a
+        member reads its own rounds back before it folds them, and waiting on every round's
+        acknowledgement cost a third of a member's time (benchmarks/bench_cluster.py)."""
+        while self._sent and self._sent[0].is_done:
+            future = self._sent.popleft()
+            if future.failed():
+                raise DeltaError(
+                    f"a message to the sync topic {self.topic!r} was not delivered: {future.exception!r}"
+                )
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait until every message sent is delivered (or raise as :meth:`check_sent`)."""
+        self._producer.flush(timeout=timeout)
+        self.check_sent()
 
     def close(self) -> None:
         if self._producer is not None:
