@@ -203,8 +203,7 @@ class SyncLog:
     def check_sent(self) -> None:
         """Raise if a message sent earlier failed for good (the producer retries first): its round
         would never be folded, so the member stops. Sending does not wait for the broker: a
-        member reads its own rounds back before it folds them, and waiting on every round's
-        acknowledgement cost a third of a member's time (benchmarks/bench_cluster.py)."""
+        member folds its own rounds only once it has read them back from the topic."""
         while self._sent and self._sent[0].is_done:
             future = self._sent.popleft()
             if future.failed():
