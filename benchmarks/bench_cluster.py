@@ -40,7 +40,7 @@ from bench_quality import log_loss
 from common import machine, print_table
 
 from stream_fm import SparseFM, snapshot
-from stream_fm.cluster.delta import Assembler
+from stream_fm.cluster.delta import Assembler, encode
 from stream_fm.cluster.rounds import fold_round, pack_round
 
 REPO = Path(__file__).resolve().parents[1]
@@ -279,7 +279,13 @@ def warm() -> None:
     model = SparseFM()
     model.learn_one(xs[0], True)
     model.predict_proba_one(xs[1])
-    fold_round(model, [pack_round(xs[p::2], ys[p::2], p, 0) for p in range(2)])
+    assembler = Assembler()  # (through the wire format, as members fold them)
+    rounds = [next(filter(None, map(assembler.add, encode(pack_round(xs[p::2], ys[p::2], p, 0), 4096))))
+              for p in range(2)]  # fmt: skip
+    fold_round(model, rounds)
+    with tempfile.TemporaryDirectory() as d:  # snapshots: the key index's export kernels
+        snapshot.write(d, model)
+        snapshot.restore(Path(d) / snapshot.latest_name(d))
 
 
 def cost(bootstrap: str, n: int) -> dict:
