@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from stream_fm import ConfigError, DeltaError
-from stream_fm.cluster.delta import ALLOWED_DTYPES, Assembler, Delta, decode_payload, encode
+from stream_fm.cluster import delta as wire
+from stream_fm.cluster.delta import ALLOWED_DTYPES, Assembler, Delta, _payload, decode_payload, encode
 from stream_fm.keyindex import decode_keys, encode_keys
 
 KEYS = ["ad=a17", "user=ü42", "tags=☃", "lone=\udcff", "", "x" * 300]
@@ -54,7 +55,7 @@ def test_a_delta_round_trips_bit_for_bit_through_one_message():
 
 @pytest.mark.parametrize("max_bytes", [800, 4096, 50_000])
 def test_chunks_stay_under_the_size_limit_and_reassemble_in_any_order(max_bytes):
-    delta = a_delta()
+    delta = a_delta(rows=3000)  # (random numbers: the compressed payload is still ~200 kB)
     messages = encode(delta, max_bytes)
     assert all(len(m) <= max_bytes for m in messages)
     assert len(messages) > 1
@@ -124,8 +125,7 @@ def test_chunks_that_disagree_are_refused():
 
 
 def test_a_payload_never_unpickles_and_checks_its_header():
-    ok = encode(a_delta(rows=20), 1 << 20)[0]
-    payload = ok[ok.index(b"SFMD") :]
+    payload = _payload(a_delta(rows=20))
     bad = payload.replace(b'"<f8"', b'"|O8"', 1)  # same length: the header still parses
     with pytest.raises(DeltaError, match="not allowed"):
         decode_payload(bad)
@@ -149,3 +149,17 @@ def test_a_big_endian_array_is_sent_little_endian():
 def test_a_size_limit_too_small_for_a_chunk_is_a_config_error():
     with pytest.raises(ConfigError, match="max_bytes"):
         encode(a_delta(), 100)
+
+
+def test_the_payload_travels_compressed_and_expands_within_bounds(monkeypatch):
+    samples = Delta(0, 3, {"key_bytes": np.frombuffer(b"ad=a17" * 5000, np.uint8)})
+    messages = encode(samples, 1 << 20)
+    assert sum(map(len, messages)) < len(_payload(samples)) / 20  # (keys repeat)
+    (back,) = assemble(messages)
+    assert back.same_as(samples)
+    monkeypatch.setattr(wire, "MAX_PAYLOAD", 1000)
+    with pytest.raises(DeltaError, match="partition 0 round 3: the payload expands past 1000 bytes"):
+        assemble(messages)
+    monkeypatch.setattr(wire.zlib, "compress", lambda data, level: data)  # sent uncompressed
+    with pytest.raises(DeltaError, match="partition 0 round 3: the payload does not expand"):
+        assemble(encode(samples, 1 << 20))
