@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 
 READ_AHEAD = 10  # rounds of a partition's records held unpublished (more are dropped, read again)
 PUBLISH_AHEAD = 2  # rounds an owner publishes past the one the cluster folds next
+IDLE_WAIT = 0.05  # seconds a loop waits for records when none are there (then reads the sync topic)
 
 
 @dataclass
@@ -166,7 +167,7 @@ class Member(Worker):
                 self._read_sync(0.0)
                 self.sync.check_sent()
                 self._follow_assignment()
-                self._poll()  # (waits up to 20 ms for records: never on the sync topic, see _poll)
+                self._poll()  # (waits up to IDLE_WAIT for records; never on the sync topic)
                 self._close_rounds()
                 self._read_sync(0.0)
                 self._status()
@@ -293,7 +294,7 @@ class Member(Worker):
         for held in self.held.values():
             if held.refetch is not None and len(held.offsets) < self.cluster.round_records:
                 self._seek(held, held.refetch)
-        batches = self.source.poll(0.02, self.config.batch_size)
+        batches = self.source.poll(IDLE_WAIT, self.config.batch_size)
         now = time.monotonic()
         for batch in batches:
             held = self.held.get(self.ledger.index.get((batch.topic, batch.partition), -1))
