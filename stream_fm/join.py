@@ -67,9 +67,9 @@ class Joiner:
     def pending(self) -> int:
         return len(self._pending)
 
-    def ids(self) -> list[str]:
-        """The impression ids the join holds: pending, and remembered as closed."""
-        return [*self._pending, *self._closed]
+    def holds(self, id: str) -> bool:
+        """The join holds the impression: pending, or remembered as closed."""
+        return id in self._pending or id in self._closed
 
     def impression(self, id: str, ts: float, features: dict[str, Any]) -> list[LabelledSample]:
         """Add an impression; returns the samples this closes (negatives past the watermark,

@@ -98,9 +98,10 @@ def join_values(
 ) -> float | None:
     """Decode and join one partition's consecutive records: the samples they make are appended to
     ``xs`` and ``ys``, events counted by kind in ``counts``, bad ones handed to ``bad(index,
-    reason, detail)``; returns the newest event time of a sample made. With ``offset_of``, each
-    impression's offset (from ``offsets``) is kept by id (a cluster member re-reads from the
-    oldest one its join still holds when a partition moves)."""
+    reason, detail)``; returns the newest event time of a sample made. With ``offset_of``, the
+    offset (from ``offsets``) of each impression the join takes in is kept by id, in the order
+    they came (a cluster member re-reads from the oldest one its join still holds when a
+    partition moves: :func:`stream_fm.cluster.member.oldest_held`)."""
     newest = None
     n_imp = n_click = n_sample = 0
     for i, value in enumerate(values):
@@ -111,8 +112,9 @@ def join_values(
             continue
         if type(event) is Impression:
             n_imp += 1
-            if offset_of is not None and offsets is not None:
-                offset_of.setdefault(event.id, offsets[i])
+            if offset_of is not None and offsets is not None and not joiner.holds(event.id):
+                offset_of.pop(event.id, None)  # (an id the join forgot, arriving again: anew)
+                offset_of[event.id] = offsets[i]
             out = joiner.impression(event.id, event.ts, event.features)
         elif type(event) is Click:
             n_click += 1

@@ -159,3 +159,30 @@ def test_forgetting_closed_ids_is_what_looking_every_time_gives(max_pending):
     assert feed(fast, events) == feed(plain, events)
     assert fast.export_state() == plain.export_state()
     assert (fast.orphan_clicks, fast.late_clicks) == (plain.orphan_clicks, plain.late_clicks)
+
+
+def test_the_oldest_offset_the_join_holds_is_tracked_in_amortised_constant_time():
+    """A cluster member re-reads a moved partition from the oldest impression its join holds
+    (stream_fm.cluster.member.oldest_held); checked here against every held id's offset."""
+    from stream_fm.cluster.member import oldest_held
+
+    events = random_events(4000, seed=9)
+    j = Joiner(attribution_window=30, allowed_lateness=5, max_pending=15)
+    offset_of: dict[str, int] = {}
+    taken_at: dict[str, int] = {}  # the offset at which the join last took each id in
+    lows = []
+    for offset, e in enumerate(events):
+        if e[0] == "imp":
+            if not j.holds(e[1]):
+                taken_at[e[1]] = offset
+                offset_of.pop(e[1], None)
+                offset_of[e[1]] = offset
+            j.impression(e[1], e[2], e[3])
+        else:
+            j.click(e[1], e[2])
+        if offset % 97 == 0:
+            held = [taken_at[i] for i in taken_at if j.holds(i)]
+            lows.append(oldest_held(offset_of, j, offset + 1))
+            assert lows[-1] == min(held, default=offset + 1), offset
+            assert len(offset_of) <= len(taken_at)
+    assert len(set(lows)) > 10 and j.overflow > 0  # (it moved, and ids were forgotten for room)

@@ -31,6 +31,7 @@ boundary; no join state (it is rebuilt from the log).
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import threading
 import time
@@ -53,7 +54,7 @@ from stream_fm.join import Joiner
 from stream_fm.sources import KafkaSource, Record
 from stream_fm.worker import Worker, WorkerConfig, join_values
 
-__all__ = ["PUBLISH_AHEAD", "READ_AHEAD", "ClusterConfig", "Member"]
+__all__ = ["PUBLISH_AHEAD", "READ_AHEAD", "ClusterConfig", "Member", "oldest_held"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,21 @@ class _Held:
     values: list[bytes | None] = field(default_factory=list)
     last_arrival: float = 0.0
     refetch: int | None = None  # read ahead far enough: records from here on are read again later
+
+
+def oldest_held(offset_of: dict[str, int], joiner: Joiner, default: int) -> int:
+    """The lowest offset of an impression ``joiner`` still holds (``default`` if none): the first
+    held id of ``offset_of``, whose offsets grow in its order; the ids before it, which the join
+    no longer holds, are dropped on the way (amortised O(1) an impression)."""
+    for id in offset_of:
+        if joiner.holds(id):
+            break
+    else:
+        offset_of.clear()
+        return default
+    for gone in list(itertools.takewhile(lambda i: i != id, offset_of)):
+        del offset_of[gone]
+    return offset_of[id]
 
 
 class Member(Worker):
@@ -374,9 +390,7 @@ class Member(Worker):
             held.reading, held.sync_target = False, self.sync.position
             return
         end = offsets[-1] + 1 if n else held.start
-        ids = held.joiner.ids()
-        held.offset_of = {i: held.offset_of[i] for i in ids}
-        low = min(held.offset_of.values(), default=end)
+        low = oldest_held(held.offset_of, held.joiner, end)
         delta = rounds.pack_round(xs, ys, held.index, held.round)
         positives = sum(ys)
         max_ts = held.joiner.max_ts if held.joiner.max_ts != float("-inf") else None
