@@ -26,6 +26,7 @@ import datasets
 from common import machine, print_table
 
 from stream_fm import SparseFM, serving, snapshot
+from stream_fm.snapshot_writer import SnapshotWriter
 
 LOAD = """
 import json, sys, time
@@ -64,7 +65,7 @@ def main() -> None:
 
     rows = []
 
-    def row(label: str, writer: snapshot.SnapshotWriter) -> None:
+    def row(label: str, writer: SnapshotWriter) -> None:
         rows.append(
             (
                 label,
@@ -74,11 +75,11 @@ def main() -> None:
             )
         )
 
-    cold = snapshot.SnapshotWriter(root, every_seconds=None, keep=2)
+    cold = SnapshotWriter(root, every_seconds=None, keep=2)
     cold.write_now(model)
     row("first snapshot, copy buffers not yet reserved", cold)
     # the worker's case: between triggers, maybe_write reserves the buffers on the writer's thread
-    writer = snapshot.SnapshotWriter(root, every_seconds=3600, keep=2)
+    writer = SnapshotWriter(root, every_seconds=3600, keep=2)
     writer.maybe_write(model)
     writer.wait()
     for i in range(args.writes):

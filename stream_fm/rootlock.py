@@ -2,7 +2,7 @@
 
 Two workers on one ``--snapshot-dir`` would interleave their snapshots, and ``LATEST`` would flip
 between two different models that a serving layer hot-reloads in turn. So every writer (the
-worker, ``replay``, :func:`stream_fm.snapshot.write`, :class:`stream_fm.snapshot.SnapshotWriter`)
+worker, ``replay``, :func:`stream_fm.snapshot.write`, :class:`stream_fm.snapshot_writer.SnapshotWriter`)
 takes ``ROOT/.writer.lock`` first, and a second process is refused with :class:`RootLockedError`
 naming the holder (pid, host, command, since when).
 

@@ -18,9 +18,10 @@ Publishing is atomic: files are written into a temporary directory in the same r
 the directory is renamed into place and fsynced, then ``LATEST`` is replaced by rename. A crash or
 a full disk at any instant leaves the previous snapshot and ``LATEST`` as they were.
 
-:func:`write` publishes one snapshot synchronously; :class:`SnapshotWriter` is the worker's
-periodic writer (copy in memory on the caller's thread, write on a background thread);
-:func:`read` verifies and loads one, and :func:`read_newest` finds the newest valid one in a root.
+:func:`write` publishes one snapshot synchronously (:class:`stream_fm.snapshot_writer.SnapshotWriter`
+is the worker's periodic writer); :func:`read` verifies and loads one, and :func:`read_newest`
+finds the newest valid one in a root (whose names, listing and retention are
+:mod:`stream_fm.snapshot_root`'s).
 """
 
 from __future__ import annotations
@@ -33,9 +34,6 @@ import logging
 import os
 import re
 import shutil
-import threading
-import time
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -47,14 +45,23 @@ import numpy as np
 from stream_fm.errors import SnapshotError
 from stream_fm.model import SparseFM, StateCapture
 from stream_fm.rootlock import RootLock
+from stream_fm.snapshot_root import (
+    LATEST,
+    MANIFEST,
+    TMP_PREFIX,
+    latest_name,
+    list_snapshots,
+    next_sequence,
+    prune,
+)
 
 __all__ = [
     "FORMAT_VERSION",
     "Extra",
     "Snapshot",
-    "SnapshotWriter",
     "latest_name",
     "list_snapshots",
+    "prune",
     "read",
     "read_newest",
     "restore",
@@ -64,13 +71,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 MANIFEST_SHA256 = "manifest.json.sha256"  # the manifest's own checksum: hex sha256 of its bytes
-LATEST = "LATEST"
-_NAME = re.compile(r"^snap-(\d{10})-(\d{8}T\d{6}Z)$")
 _ARRAY_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$")
-_TMP_PREFIX = ".tmp-"
-_TRASH_PREFIX = ".trash-"
 
 
 @dataclass
@@ -121,10 +123,10 @@ def write(
     :class:`~stream_fm.errors.RootLockedError` if another process writes to ``root``.
     """
     with RootLock(root):
-        return _Capture.take(model, extra).publish(Path(root), keep=keep)
+        return Capture.take(model, extra).publish(Path(root), keep=keep)
 
 
-class _Capture:
+class Capture:
     """Model state, extra state and offsets copied at one instant (the caller's thread)."""
 
     def __init__(self, state: StateCapture, extra: Extra) -> None:
@@ -135,7 +137,7 @@ class _Capture:
     @classmethod
     def take(
         cls, model: SparseFM, extra: Extra | None, buffers: dict[str, np.ndarray] | None = None
-    ) -> _Capture:
+    ) -> Capture:
         extra = extra or Extra()
         _check_array_names(extra.arrays)  # fail on the caller's thread, where the mistake is
         # the caller's containers may change as soon as we return: copy them now
@@ -156,9 +158,9 @@ class _Capture:
             deferred = self.extra.deferred()
             _check_array_names(deferred)
             extra_arrays.update(deferred)
-        sequence = _next_sequence(root)
+        sequence = next_sequence(root)
         name = f"snap-{sequence:010d}-{self.created.strftime('%Y%m%dT%H%M%SZ')}"
-        tmp = root / f"{_TMP_PREFIX}{name}-{os.getpid()}"
+        tmp = root / f"{TMP_PREFIX}{name}-{os.getpid()}"
         published = None
         try:
             tmp.mkdir()
@@ -185,15 +187,15 @@ class _Capture:
             os.rename(tmp, root / name)
             published = root / name
             _fsync_dir(root)
-            _write_bytes(root / f"{_TMP_PREFIX}{LATEST}-{os.getpid()}", f"{name}\n".encode())
-            os.replace(root / f"{_TMP_PREFIX}{LATEST}-{os.getpid()}", root / LATEST)
+            _write_bytes(root / f"{TMP_PREFIX}{LATEST}-{os.getpid()}", f"{name}\n".encode())
+            os.replace(root / f"{TMP_PREFIX}{LATEST}-{os.getpid()}", root / LATEST)
             _fsync_dir(root)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             if published is not None and latest_name(root) != name:
                 shutil.rmtree(published, ignore_errors=True)  # complete, but never announced
             with contextlib.suppress(OSError):
-                os.unlink(root / f"{_TMP_PREFIX}{LATEST}-{os.getpid()}")
+                os.unlink(root / f"{TMP_PREFIX}{LATEST}-{os.getpid()}")
             raise SnapshotError(root / name, f"write failed: {e}") from e
         if keep is not None:
             prune(root, keep)
@@ -252,82 +254,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _next_sequence(root: Path) -> int:
-    return max((seq for seq, _ in list_snapshots(root)), default=0) + 1
-
-
-# ---------------------------------------------------------------------------------------- retention
-
-
-def prune(root: str | os.PathLike[str], keep: int) -> list[str]:
-    """Delete all but the newest ``keep`` snapshots; returns the names deleted.
-
-    Never deletes the snapshot ``LATEST`` names, nor one a reader holds (readers take a shared
-    ``flock`` on its manifest while they verify and load). Also clears temporary directories left
-    by writers that died. Takes the root's writer lock (:class:`~stream_fm.errors.RootLockedError`
-    if another process writes there).
-    """
-    root = Path(root)
-    if keep < 1:
-        raise SnapshotError(root, f"keep={keep}: retention must keep at least 1 snapshot")
-    with RootLock(root):  # deleting is writing: not while another process writes here
-        return _prune(root, keep)
-
-
-def _prune(root: Path, keep: int) -> list[str]:
-    latest = latest_name(root)
-    deleted = []
-    for _, name in list_snapshots(root)[:-keep]:
-        if name == latest:
-            continue
-        path = root / name
-        try:
-            with open(path / MANIFEST, "rb") as f:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a reader holds LOCK_SH
-                trash = root / f"{_TRASH_PREFIX}{name}-{os.getpid()}"
-                os.rename(path, trash)
-        except BlockingIOError:
-            log.info("snapshot %s is being read; keeping it until the next retention pass", name)
-            continue
-        except OSError as e:
-            log.warning("could not delete snapshot %s: %s", name, e)
-            continue
-        shutil.rmtree(trash, ignore_errors=True)
-        deleted.append(name)
-    for leftover in root.iterdir():
-        if leftover.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)) and not _pid_alive(leftover.name):
-            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(
-                missing_ok=True
-            )
-    return deleted
-
-
-def _pid_alive(name: str) -> bool:
-    pid = name.rsplit("-", 1)[-1]
-    if not pid.isdigit():
-        return False
-    if int(pid) == os.getpid():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 # ---------------------------------------------------------------------------------------- reading
-
-
-def list_snapshots(root: str | os.PathLike[str]) -> list[tuple[int, str]]:
-    """(sequence, name) of the snapshot directories in ``root``, oldest first (not verified)."""
-    try:
-        entries = os.listdir(root)
-    except FileNotFoundError:
-        return []
-    found = [(int(m.group(1)), name) for name in entries if (m := _NAME.match(name))]
-    return sorted(found)
 
 
 def read(path: str | os.PathLike[str]) -> Snapshot:
@@ -388,16 +315,6 @@ def read_newest(root: str | os.PathLike[str], loader: Callable[[Path], Any] = re
         # a writer published (and retention deleted what we were about to read) meanwhile: again
     detail = "; ".join(problems) if problems else "none found"
     raise SnapshotError(root, f"no valid snapshot: {detail}")
-
-
-def latest_name(root: str | os.PathLike[str]) -> str | None:
-    """The snapshot name ``LATEST`` holds, or None if it is missing or not a snapshot name."""
-    root = Path(root)
-    try:
-        text = (root / LATEST).read_text(encoding="utf-8", errors="replace").strip()
-    except OSError:
-        return None
-    return text if _NAME.match(text) else None
 
 
 @contextlib.contextmanager
@@ -463,135 +380,3 @@ def _read_array(path: Path, info: Mapping[str, Any]) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------- the worker's writer
-
-
-class SnapshotWriter:
-    """Periodic snapshots for a running learner: every ``every_seconds`` and/or ``every_samples``,
-    and on demand.
-
-    The caller's thread only copies the state in memory (:meth:`maybe_write` returns after the
-    copy); a background thread writes it. At most one write is in flight: a trigger that fires
-    meanwhile is skipped and taken at the next call. A failed write is counted and logged, never
-    raised, and retried at the next trigger.
-
-    It holds ``root``'s writer lock from construction until :meth:`close` (or until it is
-    garbage-collected): constructing one raises :class:`~stream_fm.errors.RootLockedError` if
-    another process writes there.
-
-    Attributes (read by the metrics layer): ``last_success`` (Unix time), ``last_path``,
-    ``last_bytes``, ``last_write_seconds``, ``last_pause_seconds``, ``failures``, ``written``.
-    """
-
-    def __init__(
-        self,
-        root: str | os.PathLike[str],
-        *,
-        every_seconds: float | None = 60.0,
-        every_samples: int | None = None,
-        keep: int = 5,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        if keep < 1:
-            raise SnapshotError(root, f"keep={keep}: retention must keep at least 1 snapshot")
-        self.root = Path(root)
-        self._lock = RootLock(root).acquire()  # first: a refused writer must not touch anything
-        weakref.finalize(self, self._lock.release)
-        self.every_seconds = every_seconds
-        self.every_samples = every_samples
-        self.keep = keep
-        self._clock = clock
-        self._buffers: dict[str, np.ndarray] = {}  # reused by every capture (no page faults)
-        self._reserved_rows = 0  # the buffers fit a model of up to this many rows
-        self._thread: threading.Thread | None = None
-        self._last_time = clock()
-        self._last_samples: int | None = None
-        self.last_success: float | None = None
-        self.last_path: Path | None = None
-        self.last_bytes = 0
-        self.last_write_seconds = 0.0
-        self.last_pause_seconds = 0.0
-        self.failures = 0
-        self.written = 0
-        self.last_error: str | None = None
-
-    def due(self, samples_seen: int) -> bool:
-        if self._last_samples is None:
-            self._last_samples = samples_seen
-        by_time = self.every_seconds is not None and self._clock() - self._last_time >= self.every_seconds
-        by_count = self.every_samples is not None and samples_seen - self._last_samples >= self.every_samples
-        return by_time or by_count
-
-    @property
-    def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def maybe_write(self, model: SparseFM, extra: Callable[[], Extra] | Extra | None = None) -> bool:
-        """Start a background write if a trigger is due and none is in flight; True if started.
-
-        ``extra`` may be a callable, so that building it costs nothing when no write is due.
-        """
-        if self.busy:
-            return False
-        if not self.due(model.samples_seen):
-            if model.n_rows * 5 // 4 > self._reserved_rows:
-                self._run(self._reserve, model)  # grow the copy buffers while there is time
-            return False
-        self._start(model, extra() if callable(extra) else extra)
-        return True
-
-    def write_now(self, model: SparseFM, extra: Extra | None = None, timeout: float | None = None) -> bool:
-        """Wait for any write in flight, then write this state and wait for it (shutdown,
-        rebalance). True if it succeeded."""
-        self.wait(timeout)
-        if self.busy:  # the previous write is stuck (a hung disk): do not reuse its buffers
-            return False
-        failures = self.failures
-        self._start(model, extra)
-        self.wait(timeout)
-        return self.failures == failures and not self.busy
-
-    def wait(self, timeout: float | None = None) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def close(self, timeout: float | None = None) -> None:
-        """Wait for the write in flight, then release the root's writer lock (kept if the write is
-        still running after ``timeout``: it goes when the process does)."""
-        self.wait(timeout)
-        if not self.busy:
-            self._lock.release()
-
-    def _start(self, model: SparseFM, extra: Extra | None) -> None:
-        t = time.perf_counter()
-        capture = _Capture.take(model, extra, self._buffers)
-        self.last_pause_seconds = time.perf_counter() - t
-        self._last_time = self._clock()
-        self._last_samples = model.samples_seen
-        self._run(self._write, capture)
-
-    def _run(self, target: Callable[[Any], None], arg: Any) -> None:
-        self._thread = threading.Thread(target=target, args=(arg,), name="stream-fm-snapshot", daemon=True)
-        self._thread.start()
-
-    def _reserve(self, model: SparseFM) -> None:
-        self._reserved_rows = model.reserve_buffers(self._buffers)
-
-    def _write(self, capture: _Capture) -> None:
-        t = time.perf_counter()
-        try:
-            path = capture.publish(self.root, keep=self.keep)
-        except Exception as e:  # never fatal: counted, logged, retried at the next trigger
-            self.failures += 1
-            self.last_error = str(e)
-            log.error("snapshot failed (%d so far), will retry at the next trigger: %s", self.failures, e)
-            return
-        self.last_write_seconds = time.perf_counter() - t
-        self.last_bytes = sum(f.stat().st_size for f in path.iterdir())
-        self.last_path = path
-        self.last_success = time.time()
-        self.written += 1
-        log.info(
-            "snapshot %s: %d samples, %d features, %.1f MB in %.2f s (ingestion paused %.1f ms)",
-            path.name, capture.state.meta["samples_seen"], capture.state.meta["n_features"],
-            self.last_bytes / 1e6, self.last_write_seconds, 1e3 * self.last_pause_seconds,
-        )  # fmt: skip

@@ -35,6 +35,7 @@ from stream_fm.join import Joiner
 from stream_fm.model import SparseFM
 from stream_fm.progress import Bar
 from stream_fm.quality import RollingQuality
+from stream_fm.snapshot_writer import SnapshotWriter
 from stream_fm.sources import Batch, Positions, Record, Source
 
 __all__ = ["Worker", "WorkerConfig", "join_values"]
@@ -142,7 +143,7 @@ class Worker:
         self.dead_letters = dead_letters or DeadLetters()
         # first, before anything is read from it: the root's writer lock (RootLockedError if
         # another process writes there)
-        self.writer = snapshot.SnapshotWriter(
+        self.writer = SnapshotWriter(
             config.snapshot_dir,
             every_seconds=config.snapshot_every_seconds,
             every_samples=config.snapshot_every_samples,
@@ -165,7 +166,7 @@ class Worker:
         self.group_members = 1  # of the consumer group (Kafka); more than 1 is a mistake today
         # hooks: called on this thread after each batch (seconds) and each durable snapshot
         self.on_batch: list[Callable[[float], None]] = []
-        self.on_snapshot: list[Callable[[snapshot.SnapshotWriter], None]] = []
+        self.on_snapshot: list[Callable[[SnapshotWriter], None]] = []
         self.baseline = Stats()  # counters as restored: metrics count from process start
         self._commit: Positions | None = None  # positions of the write in flight
         self._written = 0

@@ -16,6 +16,7 @@ import pytest
 from helpers import REPO, stream_fm_process
 
 from stream_fm import RootLockedError, SparseFM, rootlock, serving, snapshot
+from stream_fm.snapshot_writer import SnapshotWriter
 
 HOLDER = textwrap.dedent(
     """
@@ -58,7 +59,7 @@ def test_a_second_process_is_refused_with_the_holder_named_and_readers_never_wai
         assert str(tmp_path) in message and f"pid {holder.pid}" in message
         assert f"host {socket.gethostname()}" in message
         with pytest.raises(RootLockedError):
-            snapshot.SnapshotWriter(tmp_path)
+            SnapshotWriter(tmp_path)
         with pytest.raises(RootLockedError):
             snapshot.prune(tmp_path, keep=1)
         assert rootlock.holder(tmp_path)["pid"] == holder.pid
@@ -76,7 +77,7 @@ def test_a_second_process_is_refused_with_the_holder_named_and_readers_never_wai
 
 
 def test_one_process_shares_its_lock_and_frees_it_with_the_last_holder(tmp_path):
-    writer = snapshot.SnapshotWriter(tmp_path, every_seconds=None)
+    writer = SnapshotWriter(tmp_path, every_seconds=None)
     snapshot.write(tmp_path, _model())  # the same process: allowed while its writer holds the root
     assert rootlock.holder(tmp_path)["pid"] == os.getpid()
     probe = _python(

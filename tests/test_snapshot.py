@@ -18,6 +18,7 @@ import pytest
 from helpers import categorical_stream, state_equal
 
 from stream_fm import SnapshotError, SparseFM, rootlock, serving, snapshot
+from stream_fm.snapshot_writer import SnapshotWriter
 
 MODES = [
     {},
@@ -318,7 +319,7 @@ def test_a_reader_never_sees_a_partial_snapshot(tmp_path):
 
 def test_writer_snapshots_by_sample_count_in_the_background(tmp_path):
     model, stream = trained()
-    writer = snapshot.SnapshotWriter(tmp_path, every_seconds=None, every_samples=100, keep=2)
+    writer = SnapshotWriter(tmp_path, every_seconds=None, every_samples=100, keep=2)
     written = 0
     for x, y in stream * 2:
         model.learn_one(x, y)
@@ -335,14 +336,14 @@ def test_writer_snapshots_by_sample_count_in_the_background(tmp_path):
 def test_writer_skips_a_trigger_while_a_write_is_in_flight(tmp_path, monkeypatch):
     model, _ = trained()
     release = threading.Event()
-    real_publish = snapshot._Capture.publish
+    real_publish = snapshot.Capture.publish
 
     def slow_publish(self, root, keep=None):
         release.wait(10)
         return real_publish(self, root, keep)
 
-    monkeypatch.setattr(snapshot._Capture, "publish", slow_publish)
-    writer = snapshot.SnapshotWriter(tmp_path, every_seconds=0.0, keep=5)
+    monkeypatch.setattr(snapshot.Capture, "publish", slow_publish)
+    writer = SnapshotWriter(tmp_path, every_seconds=0.0, keep=5)
     assert writer.maybe_write(model)
     assert not writer.maybe_write(model)  # one in flight: skipped, taken at a later call
     release.set()
@@ -354,7 +355,7 @@ def test_writer_skips_a_trigger_while_a_write_is_in_flight(tmp_path, monkeypatch
 
 def test_a_failed_background_write_is_counted_and_retried(tmp_path, monkeypatch, caplog):
     model, _ = trained()
-    writer = snapshot.SnapshotWriter(tmp_path, every_seconds=0.0, keep=5)
+    writer = SnapshotWriter(tmp_path, every_seconds=0.0, keep=5)
     monkeypatch.setattr(snapshot, "_open_new", lambda path: FullDisk(path, budget=0))
     with caplog.at_level(logging.ERROR):
         assert writer.maybe_write(model)  # does not raise
@@ -370,7 +371,7 @@ def test_capture_is_consistent_while_the_model_keeps_learning(tmp_path):
     """The copy is taken before maybe_write returns: learning afterwards does not leak into it."""
     model, stream = trained()
     expected = model.export_state()
-    writer = snapshot.SnapshotWriter(tmp_path, every_seconds=0.0)
+    writer = SnapshotWriter(tmp_path, every_seconds=0.0)
     writer.maybe_write(model)
     for x, y in stream:
         model.learn_one(x, y)
