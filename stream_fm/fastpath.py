@@ -26,6 +26,7 @@ from numba.extending import intrinsic
 
 from stream_fm import _encode, _kernels, features, updates
 from stream_fm._kernels import BIAS_SIZE
+from stream_fm._keyindex_kernels import add_keys, find, hash_key
 from stream_fm.errors import FeatureError
 from stream_fm.keyindex import (
     I_ARENA,
@@ -40,9 +41,6 @@ from stream_fm.keyindex import (
     I_TABLE,
     I_TAG,
     KeyIndex,
-    _find,
-    _hash,
-    add_keys,
 )
 from stream_fm.updates import HP_SIZE, HP_STD
 
@@ -182,7 +180,7 @@ def _array(address, shape, dtype):
 @nb.njit(cache=True, error_model="numpy")
 def add_rows(data, lengths, done, next_row, row_stop, out, salt, table, start, length, tag, arena, sizes,
               seed, std, w, V, gw, gV, last):  # fmt: skip
-    """:func:`~stream_fm.keyindex.add_keys`, then the new rows started afresh: one call for the
+    """:func:`~stream_fm._keyindex_kernels.add_keys`, then the new rows started afresh: one call for the
     two, as new keys arrive a few at a time."""
     first = next_row
     done, next_row = add_keys(
@@ -240,7 +238,7 @@ def _find_rows(m, data, lengths, rows):
     b = 0
     for i in range(lengths.shape[0]):
         a, b = b, b + lengths[i]
-        rows[i], _ = _find(data, a, b, _hash(data, a, b, salt), table, start, length, tag, arena)
+        rows[i], _ = find(data, a, b, hash_key(data, a, b, salt), table, start, length, tag, arena)
         complete &= rows[i] >= 0
     return complete
 

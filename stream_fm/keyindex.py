@@ -22,20 +22,25 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import numba as nb
 import numpy as np
 
-from stream_fm._kernels import _splitmix64
+from stream_fm._keyindex_kernels import (
+    EMPTY,
+    add_keys,
+    compact,
+    gather,
+    insert_keys,
+    lookup_keys,
+    rebuild,
+    remove_rows,
+)
 
 __all__ = ["KeyIndex", "add_keys", "decode_keys", "encode_keys", "gather_keys", "keys_at", "pack_keys"]
 
-_EMPTY = -1
 # ``KeyIndex.pointers``: the salt, then each array's address and length
 I_SALT, I_TABLE, I_SLOTS, I_START, I_ROWS, I_LENGTH, I_TAG, I_ARENA, I_ARENA_BYTES, I_SIZES, I_SIZE = range(
     11
 )
-_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
-_FNV_PRIME = np.uint64(0x100000001B3)
 
 
 def encode_keys(keys: Sequence[str] | Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -68,7 +73,7 @@ class KeyIndex:
         # a random salt per index: a stream cannot be crafted to pile its keys into one probe
         # chain; the layout of the table never shows in any result
         self._salt = np.uint64(int.from_bytes(os.urandom(8), "little") if salt is None else salt)
-        self._table = np.full(16, _EMPTY, np.int32)
+        self._table = np.full(16, EMPTY, np.int32)
         self._start = np.zeros(rows, np.int64)
         self._length = np.full(rows, -1, np.int32)
         self._tag = np.zeros(rows, np.uint32)  # high bits of the key's hash: most probes stop here
@@ -118,7 +123,7 @@ class KeyIndex:
         """:meth:`lookup` for keys packed as UTF-8 bytes back to back and their lengths."""
         n = len(lengths)
         out = np.empty(2 * n, np.int64)  # rows, then the positions of the absent keys
-        absent = _lookup(
+        absent = lookup_keys(
             data, lengths, self._salt, self._table, self._start, self._length, self._tag, self._arena, out
         )
         return out[:n], out[n : n + absent].tolist() if absent else []
@@ -141,7 +146,7 @@ class KeyIndex:
 
     def key_bytes(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The keys of ``rows`` in :func:`encode_keys` form ('' for a keyless row)."""
-        return _gather(self._start[rows], self._length[rows], self._arena, rows.shape[0])
+        return gather(self._start[rows], self._length[rows], self._arena, rows.shape[0])
 
     def parts(self, n_rows: int) -> dict[str, tuple[np.ndarray, int]]:
         """What :func:`gather_keys` needs to export the keys of rows ``0 .. n_rows-1``: each
@@ -177,7 +182,7 @@ class KeyIndex:
         self._reserve_rows(int(rows.max()) + 1 if n else 0)
         self._reserve_bytes(len(data))
         self._reserve_slots(len(self) + n)
-        return _insert(
+        return insert_keys(
             data, lengths, rows, self._salt, self._table, self._start, self._length, self._tag, self._arena,
             self._sizes,
         )  # fmt: skip
@@ -185,7 +190,7 @@ class KeyIndex:
     def remove(self, rows: Sequence[int] | np.ndarray) -> list[str]:
         """Remove the keys of ``rows``; returns them."""
         keys = [self.key_of(int(r)) for r in rows]
-        _remove(np.asarray(rows, np.int64), self._salt, self._table, self._start, self._length, self._tag,
+        remove_rows(np.asarray(rows, np.int64), self._salt, self._table, self._start, self._length, self._tag,
                 self._arena, self._sizes)  # fmt: skip
         used, dead = int(self._sizes[1]), int(self._sizes[2])
         if dead > (1 << 20) and 2 * dead > used:  # mostly removed keys: compact the arena
@@ -202,7 +207,7 @@ class KeyIndex:
         keep[np.fromiter(keyless, np.int64)] = False
         rows = np.flatnonzero(keep)
         lengths = np.diff(offsets)[rows]
-        kept, _ = _gather(
+        kept, _ = gather(
             offsets[:-1][rows], lengths.astype(np.int32), np.asarray(data, np.uint8), rows.shape[0]
         )
         if index._insert(kept, lengths, rows) >= 0:
@@ -229,7 +234,7 @@ class KeyIndex:
         """A new arena of at least ``need`` bytes holding only the live keys, in row order."""
         arena = np.zeros(max(1 << 16, need + need // 2), np.uint8)
         old = self._arena  # alive until no pointer points at it
-        self._sizes[1] = _compact(self._start, self._length, old, arena)
+        self._sizes[1] = compact(self._start, self._length, old, arena)
         self._sizes[2] = 0
         self._arena = arena
         self._publish()
@@ -241,8 +246,8 @@ class KeyIndex:
             size = self._table.shape[0]
             while size < 2 * keys:
                 size *= 2
-            table = np.full(size, _EMPTY, np.int32)
-            _rebuild(self._salt, table, self._start, self._length, self._arena)
+            table = np.full(size, EMPTY, np.int32)
+            rebuild(self._salt, table, self._start, self._length, self._arena)
             old, self._table = self._table, table  # the old one alive until no pointer points at it
             self._publish()
             del old
@@ -292,174 +297,4 @@ def _grown(a: np.ndarray, size: int, fill: int) -> np.ndarray:
 
 def gather_keys(start: np.ndarray, length: np.ndarray, arena: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The keys of a :meth:`KeyIndex.capture` in :func:`encode_keys` form ('' for a keyless row)."""
-    return _gather(start, length, arena, start.shape[0])
-
-
-# ---------------------------------------------------------------------- compiled
-
-
-@nb.njit(cache=True, error_model="numpy", inline="always")
-def _hash(data, a, b, salt):
-    h = _FNV_OFFSET ^ salt
-    for i in range(a, b):
-        h = (h ^ np.uint64(data[i])) * _FNV_PRIME
-    _, h = _splitmix64(h)
-    return h
-
-
-@nb.njit(cache=True, error_model="numpy", inline="always")
-def _find(data, a, b, h, table, start, length, tag, arena):
-    """(row or -1, slot where the probe stopped) for the key ``data[a:b]`` of hash ``h``."""
-    mask = table.shape[0] - 1
-    j = np.int64(h & np.uint64(mask))
-    t = np.uint32(h >> np.uint64(32))
-    n = b - a
-    while True:
-        r = table[j]
-        if r == _EMPTY:
-            return -1, j
-        if tag[r] == t and length[r] == n:
-            s = start[r]
-            same = True
-            for q in range(n):
-                if arena[s + q] != data[a + q]:
-                    same = False
-                    break
-            if same:
-                return r, j
-        j = (j + 1) & mask
-
-
-@nb.njit(cache=True, error_model="numpy", inline="always")
-def _put(data, a, b, h, r, j, table, start, length, tag, arena, sizes):
-    """Enter key ``data[a:b]`` (hash ``h``) as row ``r`` in the empty slot ``j``."""
-    used = sizes[1]
-    table[j] = r
-    start[r] = used
-    length[r] = b - a
-    tag[r] = np.uint32(h >> np.uint64(32))
-    for q in range(b - a):  # (data may be ``bytes``, which numba does not slice-assign from)
-        arena[used + q] = data[a + q]
-    sizes[1] = used + b - a
-    sizes[0] += 1
-
-
-@nb.njit(cache=True, error_model="numpy")
-def _lookup(data, lengths, salt, table, start, length, tag, arena, out):
-    """``out[i]``: the row of key i or -1; ``out[n:]``: the positions of the absent keys."""
-    n = len(lengths)
-    absent = 0
-    b = 0
-    for i in range(n):
-        a, b = b, b + lengths[i]
-        out[i], _ = _find(data, a, b, _hash(data, a, b, salt), table, start, length, tag, arena)
-        if out[i] < 0:
-            out[n + absent] = i
-            absent += 1
-    return absent
-
-
-@nb.njit(cache=True, error_model="numpy")
-def add_keys(data, lengths, done, next_row, row_stop, out, salt, table, start, length, tag, arena, sizes):
-    """The rows of the packed keys from position ``done`` on into ``out``: each absent key is
-    added as row ``next_row``, ``next_row + 1``, ... in order of first appearance (its repeats
-    then find it), below ``row_stop``. Returns (keys done, next row): it stops at the first
-    absent key that finds no room (rows used up, or the index full: ``make_room``, then call
-    again). The index's arguments are :attr:`KeyIndex.add_args`."""
-    b = 0
-    for i in range(done):
-        b += lengths[i]
-    for i in range(done, len(lengths)):
-        a, b = b, b + lengths[i]
-        h = _hash(data, a, b, salt)
-        r, j = _find(data, a, b, h, table, start, length, tag, arena)
-        if r < 0:
-            full = next_row >= start.shape[0] or sizes[1] + (b - a) > arena.shape[0]
-            if next_row >= row_stop or full or 2 * (sizes[0] + 1) > table.shape[0]:
-                return i, next_row
-            r = next_row
-            next_row += 1
-            _put(data, a, b, h, r, j, table, start, length, tag, arena, sizes)
-        out[i] = r
-    return len(lengths), next_row
-
-
-@nb.njit(cache=True, error_model="numpy")
-def _insert(data, lengths, rows, salt, table, start, length, tag, arena, sizes):
-    """Returns -1, or the position of a key already present (nothing after it inserted)."""
-    b = 0
-    for i in range(len(lengths)):
-        a, b = b, b + lengths[i]
-        h = _hash(data, a, b, salt)
-        found, j = _find(data, a, b, h, table, start, length, tag, arena)
-        if found >= 0:
-            return i
-        _put(data, a, b, h, rows[i], j, table, start, length, tag, arena, sizes)
-    return -1
-
-
-@nb.njit(cache=True, error_model="numpy")
-def _remove(rows, salt, table, start, length, tag, arena, sizes):
-    mask = table.shape[0] - 1
-    for i in range(rows.shape[0]):
-        r = rows[i]
-        n = length[r]
-        if n < 0:
-            continue
-        s = start[r]
-        _, j = _find(arena, s, s + n, _hash(arena, s, s + n, salt), table, start, length, tag, arena)
-        # backward-shift deletion: pull later members of the probe chain into the hole
-        hole = j
-        k = (j + 1) & mask
-        while table[k] != _EMPTY:
-            m = table[k]
-            home = np.int64(_hash(arena, start[m], start[m] + length[m], salt) & np.uint64(mask))
-            # m may move to the hole if its home is not cyclically in (hole, k]
-            if (k - home) & mask >= (k - hole) & mask:
-                table[hole] = m
-                hole = k
-            k = (k + 1) & mask
-        table[hole] = _EMPTY
-        length[r] = -1
-        sizes[0] -= 1
-        sizes[2] += n
-
-
-@nb.njit(cache=True, error_model="numpy")
-def _rebuild(salt, table, start, length, arena):
-    mask = table.shape[0] - 1
-    for r in range(length.shape[0]):
-        n = length[r]
-        if n < 0:
-            continue
-        j = np.int64(_hash(arena, start[r], start[r] + n, salt) & np.uint64(mask))
-        while table[j] != _EMPTY:
-            j = (j + 1) & mask
-        table[j] = r
-
-
-@nb.njit(cache=True, error_model="numpy")
-def _compact(start, length, arena, out):
-    used = 0
-    for r in range(length.shape[0]):
-        n = length[r]
-        if n < 0:
-            continue
-        s = start[r]
-        out[used : used + n] = arena[s : s + n]
-        start[r] = used
-        used += n
-    return used
-
-
-@nb.njit(cache=True, error_model="numpy")
-def _gather(start, length, arena, n_rows):
-    offsets = np.zeros(n_rows + 1, np.int64)
-    for r in range(n_rows):
-        offsets[r + 1] = offsets[r] + max(length[r], 0)
-    data = np.empty(offsets[n_rows], np.uint8)
-    for r in range(n_rows):
-        n = length[r]
-        if n > 0:
-            data[offsets[r] : offsets[r] + n] = arena[start[r] : start[r] + n]
-    return data, offsets
+    return gather(start, length, arena, start.shape[0])
