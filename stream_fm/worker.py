@@ -30,15 +30,15 @@ import orjson
 from stream_fm import snapshot
 from stream_fm.deadletters import DeadLetters
 from stream_fm.errors import ConfigError, FeatureError, SnapshotError
-from stream_fm.events import BadEvent, Click, Impression, decode
 from stream_fm.join import Joiner
 from stream_fm.model import SparseFM
 from stream_fm.progress import Bar
 from stream_fm.quality import RollingQuality
+from stream_fm.samples import join_values
 from stream_fm.snapshot_writer import SnapshotWriter
 from stream_fm.sources import Batch, Positions, Record, Source
 
-__all__ = ["Worker", "WorkerConfig", "join_values"]
+__all__ = ["Worker", "WorkerConfig"]
 
 log = logging.getLogger(__name__)
 
@@ -84,56 +84,6 @@ class Stats:
         return cls(
             Counter(d["events"]), Counter(d["bad_events"]), Counter(d["trained"]), d["newest_event_ts"]
         )
-
-
-def join_values(
-    values: Sequence[bytes | None],
-    joiner: Joiner,
-    max_bytes: int,
-    bad: Callable[[int, str, str], None],
-    xs: list[dict[str, Any]],
-    ys: list[bool],
-    counts: Counter,
-    offsets: Sequence[int] | None = None,
-    offset_of: dict[str, int] | None = None,
-) -> float | None:
-    """Decode and join one partition's consecutive records: the samples they make are appended to
-    ``xs`` and ``ys``, events counted by kind in ``counts``, bad ones handed to ``bad(index,
-    reason, detail)``; returns the newest event time of a sample made. With ``offset_of``, the
-    offset (from ``offsets``) of each impression the join takes in is kept by id, in the order
-    they came (a cluster member re-reads from the oldest one its join still holds when a
-    partition moves: :func:`stream_fm.cluster.member.oldest_held`)."""
-    newest = None
-    n_imp = n_click = n_sample = 0
-    for i, value in enumerate(values):
-        try:
-            event = decode(value, max_bytes)
-        except BadEvent as e:
-            bad(i, e.reason, e.detail)
-            continue
-        if type(event) is Impression:
-            n_imp += 1
-            if offset_of is not None and offsets is not None and not joiner.holds(event.id):
-                offset_of.pop(event.id, None)  # (an id the join forgot, arriving again: anew)
-                offset_of[event.id] = offsets[i]
-            out = joiner.impression(event.id, event.ts, event.features)
-        elif type(event) is Click:
-            n_click += 1
-            out = joiner.click(event.impression_id, event.ts)
-        else:
-            n_sample += 1
-            out = [(event.label, event.features, event.ts)]
-            if event.ts is not None:
-                out.extend(joiner.advance(event.ts))
-        for label, features, ts in out:
-            xs.append(features)
-            ys.append(label)
-            if ts is not None and (newest is None or ts > newest):
-                newest = ts
-    for kind, n in (("impression", n_imp), ("click", n_click), ("sample", n_sample)):
-        if n:
-            counts[kind] += n
-    return newest
 
 
 class Worker:

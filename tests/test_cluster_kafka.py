@@ -211,7 +211,7 @@ def round_order_model(kafka, topic: str, round_records: int) -> tuple[dict, dict
 
     from stream_fm import SparseFM, config
     from stream_fm.join import Joiner
-    from stream_fm.worker import join_values
+    from stream_fm.samples import join_values
 
     reader = KafkaConsumer(bootstrap_servers=kafka.bootstrap, consumer_timeout_ms=3000)
     reader.assign([TopicPartition(topic, p) for p in range(PARTITIONS)])

@@ -31,7 +31,6 @@ boundary; no join state (it is rebuilt from the log).
 from __future__ import annotations
 
 import bisect
-import itertools
 import logging
 import threading
 import time
@@ -51,10 +50,11 @@ from stream_fm.cluster.sync import SyncLog
 from stream_fm.deadletters import DeadLetters
 from stream_fm.errors import ConfigError
 from stream_fm.join import Joiner
+from stream_fm.samples import join_values, oldest_held
 from stream_fm.sources import KafkaSource, Record
-from stream_fm.worker import Worker, WorkerConfig, join_values
+from stream_fm.worker import Worker, WorkerConfig
 
-__all__ = ["PUBLISH_AHEAD", "READ_AHEAD", "ClusterConfig", "Member", "oldest_held"]
+__all__ = ["PUBLISH_AHEAD", "READ_AHEAD", "ClusterConfig", "Member"]
 
 log = logging.getLogger(__name__)
 
@@ -87,21 +87,6 @@ class _Held:
     values: list[bytes | None] = field(default_factory=list)
     last_arrival: float = 0.0
     refetch: int | None = None  # read ahead far enough: records from here on are read again later
-
-
-def oldest_held(offset_of: dict[str, int], joiner: Joiner, default: int) -> int:
-    """The lowest offset of an impression ``joiner`` still holds (``default`` if none): the first
-    held id of ``offset_of``, whose offsets grow in its order; the ids before it, which the join
-    no longer holds, are dropped on the way (amortised O(1) an impression)."""
-    for id in offset_of:
-        if joiner.holds(id):
-            break
-    else:
-        offset_of.clear()
-        return default
-    for gone in list(itertools.takewhile(lambda i: i != id, offset_of)):
-        del offset_of[gone]
-    return offset_of[id]
 
 
 class Member(Worker):
