@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--reload-interval", type=float, default=5.0, help="seconds between checks (default 5)"
     )
+    serve.add_argument(
+        "--sync-topic", metavar="NAME",
+        help="a cluster's sync topic: fold its rounds between snapshots (with --bootstrap-servers; "
+        "security settings from STREAM_FM_KAFKA_* as for run)",
+    )  # fmt: skip
+    serve.add_argument("--bootstrap-servers", metavar="HOST:PORT", help="Kafka, for --sync-topic")
     _log_flags(serve)
 
     warmup = _command(
@@ -171,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             from stream_fm import server
 
-            server.run(args.snapshots, args.host, args.port, args.reload_interval)
+            server.run(args.snapshots, args.host, args.port, args.reload_interval, _follow(args))
             return EXIT_OK
     except ConfigError as e:
         print(f"stream-fm: configuration error: {e}", file=sys.stderr)
@@ -282,6 +288,21 @@ def _member(args: argparse.Namespace, c: Any, source: Any, worker_config: Any, d
     sync = SyncLog(c.kafka.bootstrap_servers, c.cluster.sync_topic, client_config=c.kafka_client_config())
     cluster = ClusterConfig(c.cluster.sync_topic, c.cluster.round_records, c.cluster.round_timeout)
     return Member(source, worker_config, cluster, sync, dead)
+
+
+def _follow(args: argparse.Namespace) -> Any:
+    """The sync topic (a ``SyncLog``) ``stream-fm serve`` follows, if it was given one."""
+    from stream_fm import config
+    from stream_fm.cluster.sync import SyncLog
+
+    if args.sync_topic is None:
+        return None
+    if not args.bootstrap_servers:
+        raise ConfigError(
+            "--bootstrap-servers", "", "the Kafka brokers of the sync topic (with --sync-topic)"
+        )
+    client = config.load().kafka_client_config()  # (security: the environment, as for run)
+    return SyncLog(args.bootstrap_servers, args.sync_topic, client_config=client)
 
 
 def _produce(args: argparse.Namespace) -> int:

@@ -5,7 +5,9 @@
 - ``GET /healthz`` -> 200 while the process runs; ``GET /readyz`` -> 200 once a snapshot is loaded
 
 Bad requests get a 4xx status and a JSON ``{"error": ...}``; no request can stop the server.
-Snapshots are hot-reloaded by a :class:`~stream_fm.serving.Watcher`.
+Snapshots are hot-reloaded by a :class:`~stream_fm.serving.Watcher`; with a cluster's sync topic,
+a :class:`~stream_fm.cluster.follower.Follower` folds the rounds completed since the snapshot
+instead (predictions seconds old, not a snapshot interval old).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any
 
 import orjson
 
+from stream_fm.cluster.follower import Follower
+from stream_fm.cluster.sync import SyncLog
 from stream_fm.errors import FeatureError
 from stream_fm.serving import Watcher
 
@@ -35,7 +39,7 @@ class PredictServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, watcher: Watcher, host: str = "127.0.0.1", port: int = 8080) -> None:
+    def __init__(self, watcher: Watcher | Follower, host: str = "127.0.0.1", port: int = 8080) -> None:
         self.watcher = watcher
         super().__init__((host, port), _Handler)
 
@@ -113,9 +117,16 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), format % args)
 
 
-def run(root: str | Path, host: str = "127.0.0.1", port: int = 8080, reload_interval: float = 5.0) -> None:
-    """Serve until SIGTERM or Ctrl-C."""
-    with Watcher(root, reload_interval) as watcher:
+def run(
+    root: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    reload_interval: float = 5.0,
+    follow: SyncLog | None = None,
+) -> None:
+    """Serve until SIGTERM or Ctrl-C (``follow``: a cluster's sync topic, folded as it goes)."""
+    source = Follower(root, follow, reload_interval) if follow is not None else Watcher(root, reload_interval)
+    with source as watcher:
         server = PredictServer(watcher, host, port)
 
         def shutdown(*_: object) -> None:

@@ -27,7 +27,7 @@ import numpy as np
 from stream_fm import _encode, _kernels, fastpath, snapshot
 from stream_fm.errors import SnapshotError
 from stream_fm.keyindex import KeyIndex
-from stream_fm.model import encode_rows
+from stream_fm.model import SparseFM, encode_rows
 from stream_fm.state import READABLE_FORMATS, upgrade_bias
 
 __all__ = ["Predictor", "Watcher", "load"]
@@ -92,6 +92,14 @@ class Predictor:
             self._address = self._pointers.ctypes.data
         except (KeyError, TypeError, ValueError) as e:
             raise SnapshotError(snap.path, f"model state is incomplete or inconsistent: {e!r}") from e
+
+    @classmethod
+    def of_model(cls, model: SparseFM, name: str) -> Predictor:
+        """A predictor of a live model's state now (a copy: the model may go on learning)."""
+        arrays, meta = model.export_state()
+        return cls(
+            snapshot.Snapshot(Path(name), {"model": meta, "samples_seen": meta["samples_seen"]}, arrays, {})
+        )
 
     @property
     def samples_seen(self) -> int:

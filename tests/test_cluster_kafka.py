@@ -353,3 +353,77 @@ def test_a_corrupt_sync_message_stops_the_member_with_a_clear_error(kafka, strea
     text = log.read_text()
     assert "do not match its sha256 (corrupt or truncated)" in text, text[-3000:]
     snapshot.read(root / snapshot.latest_name(root))  # the last snapshot is whole and verifies
+
+
+def model_by_key(model) -> tuple[dict[str, bytes], bytes]:
+    """Every trained key's numbers, and the dense state, of a model in memory (as ``by_key``)."""
+    arrays = (model._w, model._V, model._gw, model._gV, model._last)
+    rows = {
+        key: b"".join(np.ascontiguousarray(a[row]).tobytes() for a in arrays)
+        for key, row in model._index.as_dict().items()
+        if model._last[row] >= 0
+    }
+    return rows, model._bias.tobytes()
+
+
+def test_serving_follows_the_sync_topic_between_snapshots(kafka, stream, topic_factory, tmp_path):
+    """A follower (`stream-fm serve --sync-topic`) serves the rounds a member folds before any
+    snapshot holds them, and once it has folded what the member's final snapshot holds, it serves
+    that very model, bit for bit."""
+    import http.client
+    import socket
+    import sys
+
+    from stream_fm.cluster.follower import Follower
+    from stream_fm.cluster.sync import SyncLog
+
+    topic, ends, _ = stream
+    sync, log, root = topic_factory(1, "sync"), tmp_path / "member.log", tmp_path / "m0"
+    args = member_args(kafka, topic, sync, root)
+    args[args.index("--snapshot-interval") + 1] = "3600"  # no snapshot until it stops
+    proc = stream_fm_process(args, log)
+    try:
+        with Follower(root, SyncLog(kafka.bootstrap, sync), interval=0.1) as follower:  # from genesis
+            ledger = follower.ledger
+            assert ledger is not None and follower.predictor is not None
+            served = lambda: follower.predictor.name != "genesis+0"  # noqa: E731
+            wait_until(served, 120, "the follower to serve a folded round", proc)
+            assert snapshot.latest_name(root) is None  # fresher than any snapshot
+            folded = lambda: {ledger.partitions[i][1]: b.start for i, b in ledger.folded.items()} == ends  # noqa: E731
+            wait_until(folded, 300, "the follower to fold the whole topic", proc)
+            stop([proc], log)  # its final snapshot holds every round
+            model, snap = snapshot.restore(root / snapshot.latest_name(root))
+            assert snap.extra["cluster"]["merged"] == ledger.merged
+            assert model_by_key(follower.model) == model_by_key(model)
+            wait_until(
+                lambda: follower.predictor.name == f"genesis+{ledger.merged}", 10, "the last predictor"
+            )
+            probe = [{"user": f"u{i}", "ad": f"a{i % 40}"} for i in range(200)]
+            assert np.array_equal(follower.predictor.predict_batch(probe), model.predict_proba_batch(probe))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # the command: from the member's last snapshot, following the topic (nothing left to fold)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "stream_fm.cli", "serve", "--snapshots", str(root), "--port", str(port),
+         "--sync-topic", sync, "--bootstrap-servers", kafka.bootstrap],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("POST", "/predict", body=json.dumps({"features": probe[0]}).encode())
+                body = json.loads(conn.getresponse().read())
+                break
+            except OSError:
+                assert time.monotonic() < deadline and serve.poll() is None, "serve did not come up"
+                time.sleep(0.2)
+        assert body == {"probability": model.predict_proba_one(probe[0])[True], "snapshot": f"{snap.name}+0"}
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        assert serve.wait(timeout=30) == 0, serve.stderr.read()

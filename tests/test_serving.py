@@ -237,3 +237,15 @@ def test_inspect_verifies_and_summarises(tmp_path, capsys):
     assert f"FAILED  {corrupt.name}" in capsys.readouterr().out
     assert cli.main(["inspect", str(corrupt)]) == 1
     assert cli.main(["inspect", str(path)]) == 0
+
+
+def test_a_predictor_of_a_live_model_is_a_copy_of_it_now():
+    """What a follower serves (stream_fm.cluster.follower): the model's state when it was taken."""
+    model = trained()
+    xs = [{"ad": f"a{i}", "user": f"u{i % 3}"} for i in range(6)]
+    before = model.predict_proba_batch(xs)
+    predictor = serving.Predictor.of_model(model, "live+1")
+    model.learn_batch(xs, [True] * 6)  # the model goes on learning; the predictor does not move
+    assert np.array_equal(predictor.predict_batch(xs), before) and predictor.name == "live+1"
+    assert predictor.predict(xs[0]) == before[0]
+    assert predictor.samples_seen == model.samples_seen - 6

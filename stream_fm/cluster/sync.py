@@ -168,14 +168,16 @@ class SyncLog:
             self.position = out[-1][0] + 1
         return out
 
-    def genesis(self, proposal: Mapping[str, Any], timeout: float = 60.0) -> tuple[dict[str, Any], int]:
+    def genesis(
+        self, proposal: Mapping[str, Any] | None, timeout: float = 60.0
+    ) -> tuple[dict[str, Any], int]:
         """The cluster's genesis and its offset: the topic's first message, written from
-        ``proposal`` if the topic is empty."""
+        ``proposal`` if the topic is empty (None: wait for a member to write it)."""
         from kafka import TopicPartition
 
         tp = TopicPartition(self.topic, 0)
         first = int(self._consumer.beginning_offsets([tp])[tp])
-        if self.end() == first:
+        if self.end() == first and proposal is not None:
             self._producer.send(self.topic, encode_genesis(proposal)).get(timeout=30)
         reader = self._consumer
         keep = self.position
