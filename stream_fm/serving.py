@@ -30,7 +30,7 @@ from stream_fm.keyindex import KeyIndex
 from stream_fm.model import SparseFM, encode_rows
 from stream_fm.state import READABLE_FORMATS, upgrade_bias
 
-__all__ = ["Predictor", "Watcher", "load"]
+__all__ = ["Predictor", "Refreshed", "Watcher", "load"]
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,43 @@ class Predictor:
         return f"Predictor({self.name!r}, samples_seen={self.samples_seen})"
 
 
-class Watcher:
+class Refreshed:
+    """A predictor kept current by a background thread: ``_prepare`` runs on :meth:`start` (the
+    first predictor), then ``_run`` until :meth:`stop`. Readers take ``predictor`` (one attribute
+    read, atomic)."""
+
+    thread_name = "stream-fm-serving"
+
+    def __init__(self) -> None:
+        self.predictor: Predictor | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _prepare(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> Refreshed:
+        self._prepare()
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def __enter__(self) -> Refreshed:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Watcher(Refreshed):
     """Hot reload: polls a snapshot root every ``interval`` seconds and swaps in each new valid
     snapshot. Readers take ``watcher.predictor`` (one attribute read, atomic); a snapshot that
     fails to load is logged and counted, and the previous predictor stays.
@@ -129,15 +165,15 @@ class Watcher:
     one yet).
     """
 
+    thread_name = "stream-fm-watcher"
+
     def __init__(self, root: str | Path, interval: float = 5.0) -> None:
+        super().__init__()
         self.root = Path(root)
         self.interval = interval
-        self.predictor: Predictor | None = None
         self.reloads = 0
         self.failures = 0
         self._failed: str | None = None  # the name that failed last: not retried until LATEST moves
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def check(self) -> bool:
         """Load the newest snapshot if it differs from the current one; True if swapped."""
@@ -162,16 +198,8 @@ class Watcher:
         log.info("serving snapshot %s (%d samples)", fresh.name, fresh.samples_seen)
         return True
 
-    def start(self) -> Watcher:
+    def _prepare(self) -> None:
         self.check()
-        self._thread = threading.Thread(target=self._run, name="stream-fm-watcher", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -180,9 +208,3 @@ class Watcher:
             except Exception:  # the watcher must outlive any surprise; the old model keeps serving
                 self.failures += 1
                 log.exception("unexpected error while reloading")
-
-    def __enter__(self) -> Watcher:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -91,3 +91,18 @@ def test_a_cluster_of_the_earlier_format_is_refused_naming_both_formats():
     old = encode_genesis(GENESIS).replace(b'"format":2', b'"format":1')
     with pytest.raises(DeltaError, match=r"format 1.*format 2"):
         decode_genesis(old)  # (the topic's)
+
+
+def test_a_snapshot_of_another_cluster_or_a_single_worker_is_refused_naming_the_key():
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from stream_fm.cluster.ledger import cluster_state
+
+    ours = {"sync_topic": "sync", "sync_offset": 7}
+    snap = SimpleNamespace(path=Path("snap-1"), extra={"cluster": ours})
+    assert cluster_state(snap, "sync", "cluster.sync_topic", "this member's cluster") is ours
+    with pytest.raises(ConfigError, match=r"--sync-topic='other'.*snap-1 is of sync topic 'sync'"):
+        cluster_state(snap, "other", "--sync-topic", "the members")
+    with pytest.raises(ConfigError, match=r"cluster\.sync_topic='sync'.*snap-1 is a single worker's"):
+        cluster_state(SimpleNamespace(path=Path("snap-1"), extra={}), "sync", "cluster.sync_topic", "it")

@@ -19,59 +19,44 @@ keeps serving.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from pathlib import Path
 
 from stream_fm import snapshot
 from stream_fm.cluster import rounds
-from stream_fm.cluster.ledger import Ledger
+from stream_fm.cluster.ledger import Ledger, cluster_state
 from stream_fm.cluster.sync import SyncLog
-from stream_fm.errors import ConfigError, SnapshotError
+from stream_fm.errors import SnapshotError
 from stream_fm.model import SparseFM
-from stream_fm.serving import Predictor
+from stream_fm.serving import Predictor, Refreshed
 
 __all__ = ["Follower"]
 
 log = logging.getLogger(__name__)
 
 
-class Follower:
+class Follower(Refreshed):
     """The cluster's model, folded round by round from the sync topic, served as ``predictor``."""
 
+    thread_name = "stream-fm-follower"
+
     def __init__(self, root: str | Path, sync: SyncLog, interval: float = 5.0) -> None:
+        super().__init__()
         self.root = Path(root)
         self.sync = sync
         self.interval = interval
-        self.predictor: Predictor | None = None
         self.model: SparseFM | None = None
         self.ledger: Ledger | None = None
         self.failures = 0  # (the stop reason in ``error``)
         self.error: str | None = None
         self._base = "genesis"  # the snapshot it started from
         self._since = 0  # rounds folded since then
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> Follower:
-        self._begin()
-        self._thread = threading.Thread(target=self._run, name="stream-fm-follower", daemon=True)
-        self._thread.start()
-        return self
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        super().stop()
         self.sync.close()
 
-    def __enter__(self) -> Follower:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _begin(self) -> None:
+    def _prepare(self) -> None:
         """The newest valid snapshot of the root, or the cluster's genesis if it has none."""
         try:
             model, snap = snapshot.read_newest(self.root, snapshot.restore)
@@ -80,14 +65,9 @@ class Follower:
                 raise  # snapshots, none valid: not a reason to start from scratch silently
             model = snap = None
         if snap is not None:
-            state = snap.extra.get("cluster")
-            if state is None or state["sync_topic"] != self.sync.topic:
-                was = "a single worker's" if state is None else f"sync topic {state['sync_topic']!r}'s"
-                raise ConfigError(
-                    "sync_topic",
-                    self.sync.topic,
-                    f"the sync topic of the member whose snapshots are in {self.root} ({snap.name} is {was})",
-                )
+            state = cluster_state(
+                snap, self.sync.topic, "--sync-topic", "the member whose snapshots these are"
+            )
             self.ledger = Ledger.from_state(state)
             self.sync.start(state["sync_offset"])
             self._base = snap.name

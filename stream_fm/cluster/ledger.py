@@ -17,7 +17,7 @@ from stream_fm.cluster.delta import Assembler, Delta, chunk_key
 from stream_fm.cluster.sync import GENESIS_FORMAT, GENESIS_MAGIC
 from stream_fm.errors import ConfigError
 
-__all__ = ["Boundary", "Ledger"]
+__all__ = ["Boundary", "Ledger", "cluster_state"]
 
 
 @dataclass
@@ -123,3 +123,13 @@ class Ledger:
         ledger.folded = {int(p): Boundary(**b) for p, b in state["parts"].items()}
         ledger.seen = dict(ledger.folded)
         return ledger
+
+
+def cluster_state(snap: Any, sync_topic: str, key: str, whose: str) -> dict[str, Any]:
+    """The cluster state a member's snapshot records (its ledger, the sync offset to replay
+    from), refused naming ``key`` unless the snapshot is of ``sync_topic``'s cluster."""
+    state = snap.extra.get("cluster")
+    if state is None or state["sync_topic"] != sync_topic:
+        was = "a single worker's" if state is None else f"of sync topic {state['sync_topic']!r}"
+        raise ConfigError(key, sync_topic, f"the sync topic of {whose} ({snap.path} is {was})")
+    return state

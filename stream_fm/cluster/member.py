@@ -44,11 +44,10 @@ import numpy as np
 from stream_fm import snapshot
 from stream_fm.cluster import rounds
 from stream_fm.cluster.delta import Delta
-from stream_fm.cluster.ledger import Ledger
+from stream_fm.cluster.ledger import Ledger, cluster_state
 from stream_fm.cluster.status import ClusterCounters, JoinView
 from stream_fm.cluster.sync import SyncLog
 from stream_fm.deadletters import DeadLetters
-from stream_fm.errors import ConfigError
 from stream_fm.join import Joiner
 from stream_fm.samples import join_values, oldest_held
 from stream_fm.sources import KafkaSource, Record
@@ -126,15 +125,10 @@ class Member(Worker):
         if newest is None:
             return
         model, snap = newest
-        state = snap.extra.get("cluster")
-        if state is None or state["sync_topic"] != self.cluster.sync_topic:
-            was = "a single worker's" if state is None else f"sync topic {state['sync_topic']!r}'s"
-            raise ConfigError(
-                "cluster.sync_topic",
-                self.cluster.sync_topic,
-                f"the cluster of the snapshots in {self.config.snapshot_dir} ({snap.name} is {was}); "
-                "give this member a snapshot directory of its own cluster, or an empty one",
-            )
+        state = cluster_state(
+            snap, self.cluster.sync_topic, "cluster.sync_topic",
+            "this member's cluster: give it a snapshot directory of its own cluster, or an empty one",
+        )  # fmt: skip
         self._check_settings(model, snap)
         self.model = model
         self._ledger = Ledger.from_state(state)
