@@ -7,7 +7,8 @@
   the cluster's model does not depend on how many members learn it (tests/test_cluster_kafka.py),
   so one process computes exactly what any number of members would.
 - **Cost**: real ``stream-fm run`` processes on the local broker (deploy/kafka/kafka-local.sh,
-  started if needed) and a 6-partition topic of demo events: CPU-seconds per event of a single
+  started if needed) and a 6-partition topic of demo events (``--event-rate``: impressions a
+  second of event time), snapshots every 60 s (the default): CPU-seconds per event of a single
   worker and of clusters of 1, 2 and 3 members (their Kafka fetch processes included; the broker's
   own CPU beside it), delta bytes per event, fold and wait time per round, and the recovery after
   ``kill -9`` of one of two members.
@@ -124,11 +125,14 @@ def plot(curves: dict) -> None:
 # ---------------------------------------------------------------------------------- cost
 
 
-def worker_args(bootstrap: str, topic: str, root: Path, sync: str | None, group: str) -> list[str]:
+def worker_args(
+    bootstrap: str, topic: str, root: Path, sync: str | None, group: str, snapshot_interval: float = 60.0
+) -> list[str]:
     args = [
         sys.executable, "-m", "stream_fm.cli", "run", "--bootstrap-servers", bootstrap, "--topic", topic,
-        "--group-id", group, "--snapshot-dir", str(root), "--snapshot-interval", "1", "--metrics-port", "0",
-        "--attribution-window", "120", "--progress-interval", "5", "--session-timeout", "6",
+        "--group-id", group, "--snapshot-dir", str(root), "--snapshot-interval", str(snapshot_interval),
+        "--metrics-port", "0", "--attribution-window", "120", "--progress-interval", "5",
+        "--session-timeout", "6",
     ]  # fmt: skip
     return args + (["--sync-topic", sync, "--round-timeout", "1"] if sync else [])
 
@@ -169,6 +173,13 @@ def urls(log: Path) -> list[str]:
     return re.findall(r"metrics on (http://[\d.:]+)/metrics", log.read_text())
 
 
+def positions(url: str, topic: str) -> dict[int, int]:
+    """The positions a worker's metrics report for ``topic`` (a member's: folded rounds')."""
+    text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
+    found = re.findall(rf'^stream_fm_consumer_offset{{topic="{re.escape(topic)}",partition="(\d+)"}} (\S+)$', text, re.M)
+    return {int(p): int(float(v)) for p, v in found}
+
+
 def scrape(url: str) -> dict[str, float]:
     text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
     return {m[0]: float(m[1]) for m in re.findall(r"^(stream_fm_cluster_\w+) (\S+)$", text, re.M)}
@@ -193,9 +204,11 @@ def run(bootstrap: str, topic: str, ends: dict[int, int], members: int | None, t
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs), log.read_text()[-3000:]
         time.sleep(0.01)
     t, before, broker_before = time.perf_counter(), sum(tree_cpu(p.pid) for p in procs), broker_cpu()
-    while not all(folded(r, topic) == ends for r in roots):
+    # done when every process's metrics report the topic's end as its position (folded, for a
+    # member): snapshots keep their default interval (60 s), as a deployment would
+    while len(urls(log)) < len(procs) or not all(positions(u, topic) == ends for u in urls(log)):
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs), log.read_text()[-3000:]
-        time.sleep(0.05)
+        time.sleep(0.2)
     wall = time.perf_counter() - t
     cpu = sum(tree_cpu(p.pid) for p in procs) - before
     counters = [scrape(url) for url in urls(log)] if members else []
@@ -249,7 +262,10 @@ def recovery(bootstrap: str, topic: str, ends: dict[int, int], tmp: Path) -> dic
 
     def start(root: Path) -> subprocess.Popen:
         with open(log, "ab") as out:
-            return subprocess.Popen(worker_args(bootstrap, topic, root, tag, tag), stdout=out, stderr=out)
+            args = worker_args(
+                bootstrap, topic, root, tag, tag, snapshot_interval=1.0
+            )  # (progress: snapshots)
+            return subprocess.Popen(args, stdout=out, stderr=out)
 
     procs = [start(roots[0])]
     while not urls(log):  # the survivor's metrics first, to tell them apart
@@ -291,9 +307,9 @@ def warm() -> None:
         snapshot.restore(Path(d) / snapshot.latest_name(d))
 
 
-def cost(bootstrap: str, n: int, repeat: int = 1) -> dict:
+def cost(bootstrap: str, n: int, repeat: int = 1, rate: float = 50.0) -> dict:
     warm()
-    topic = ensure_topic(bootstrap, n, PARTITIONS)
+    topic = ensure_topic(bootstrap, n, PARTITIONS, rate)
     ends = end_offsets(bootstrap, topic)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -373,6 +389,11 @@ def main() -> None:
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-cost", action="store_true")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each cost config (median shown)")
+    parser.add_argument(
+        "--event-rate", type=float, default=50.0,
+        help="demo impressions a second of event time (50: the demo's; a fetch of a slow stream spans "
+        "minutes of event time, and a single worker's one watermark then closes windows early)",
+    )  # fmt: skip
     args = parser.parse_args()
     print(f"machine: {machine()}\npartitions: {PARTITIONS}; broker: kafka-local.sh, same machine\n")
     if not args.skip_quality:
@@ -380,8 +401,9 @@ def main() -> None:
         quality(args.rounds)
         print()
     if not args.skip_cost:
-        print(f"## Cost: {args.events:,} demo events on {PARTITIONS} partitions\n")
-        result = cost(broker(), args.events, args.repeat)
+        rate = f"{args.event_rate:g} impressions a second of event time"
+        print(f"## Cost: {args.events:,} demo events ({rate}) on {PARTITIONS} partitions\n")
+        result = cost(broker(), args.events, args.repeat, args.event_rate)
         print("\n## Scale, on paper\n")
         scale(result)
 

@@ -44,9 +44,10 @@ def broker() -> str:
     return out.stdout.strip()
 
 
-def ensure_topic(bootstrap: str, n: int, partitions: int) -> str:
-    """A topic holding the first ``n`` demo events (made once, reused by later runs)."""
-    topic = f"bench-e2e-{n}-p{partitions}"
+def ensure_topic(bootstrap: str, n: int, partitions: int, rate: float = 50.0) -> str:
+    """A topic holding the first ``n`` demo events, ``rate`` impressions a second of event time
+    (made once, reused by later runs)."""
+    topic = f"bench-e2e-{n}-p{partitions}" + (f"-r{rate:g}" if rate != 50.0 else "")
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     if topic in admin.list_topics() and sum(end_offsets(bootstrap, topic).values()) == n:
         admin.close()
@@ -59,7 +60,7 @@ def ensure_topic(bootstrap: str, n: int, partitions: int) -> str:
     producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=50, batch_size=512 * 1024, acks=1)
     t = time.perf_counter()
     bar = Bar(n, "producing")
-    for i, (key, event) in enumerate(DemoStream(seed=0)):
+    for i, (key, event) in enumerate(DemoStream(seed=0, impressions_per_second=rate)):
         if i >= n:
             break
         producer.send(topic, key=key.encode(), value=orjson.dumps(event))
@@ -67,7 +68,7 @@ def ensure_topic(bootstrap: str, n: int, partitions: int) -> str:
     bar.close()
     producer.flush()
     producer.close()
-    print(f"produced {n:,} events into {topic} in {time.perf_counter() - t:.1f} s")
+    print(f"produced {n:,} events into {topic} in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     return topic
 
 
