@@ -176,7 +176,8 @@ def urls(log: Path) -> list[str]:
 def positions(url: str, topic: str) -> dict[int, int]:
     """The positions a worker's metrics report for ``topic`` (a member's: folded rounds')."""
     text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
-    found = re.findall(rf'^stream_fm_consumer_offset{{topic="{re.escape(topic)}",partition="(\d+)"}} (\S+)$', text, re.M)
+    series = rf'^stream_fm_consumer_offset{{topic="{re.escape(topic)}",partition="(\d+)"}} (\S+)$'
+    found = re.findall(series, text, re.M)
     return {int(p): int(float(v)) for p, v in found}
 
 
