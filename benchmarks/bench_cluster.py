@@ -176,9 +176,12 @@ def urls(log: Path) -> list[str]:
 def positions(url: str, topic: str) -> dict[int, int]:
     """The positions a worker's metrics report for ``topic`` (a member's: folded rounds')."""
     text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
-    series = rf'^stream_fm_consumer_offset{{topic="{re.escape(topic)}",partition="(\d+)"}} (\S+)$'
-    found = re.findall(series, text, re.M)
-    return {int(p): int(float(v)) for p, v in found}
+    out = {}
+    for labels, value in re.findall(r"^stream_fm_consumer_offset{(.*)} (\S+)$", text, re.M):
+        label = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if label["topic"] == topic:
+            out[int(label["partition"])] = int(float(value))
+    return out
 
 
 def scrape(url: str) -> dict[str, float]:
