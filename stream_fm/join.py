@@ -74,7 +74,7 @@ class Joiner:
     def impression(self, id: str, ts: float, features: dict[str, Any]) -> list[LabelledSample]:
         """Add an impression; returns the samples this closes (negatives past the watermark,
         overflow), possibly including this impression itself if it arrived too late."""
-        if id in self._pending or id in self._closed:
+        if self.holds(id):
             self.duplicates += 1
             return []
         out = self._advance(ts)

@@ -65,6 +65,7 @@ __all__ = [
     "read",
     "read_newest",
     "restore",
+    "restore_newest",
     "write",
 ]
 
@@ -282,6 +283,18 @@ def restore(path: str | os.PathLike[str]) -> tuple[SparseFM, Snapshot]:
     """The model stored in a snapshot directory, ready to learn on, and the snapshot itself."""
     snap = read(path)
     return SparseFM.from_state(snap.model_arrays, snap.manifest["model"]), snap
+
+
+def restore_newest(root: str | os.PathLike[str]) -> tuple[SparseFM, Snapshot] | None:
+    """:func:`restore` of the newest valid snapshot under ``root``; None if it holds none at all.
+    Snapshots of which none is valid raise :class:`SnapshotError`: starting afresh would silently
+    lose the model."""
+    try:
+        return read_newest(root, restore)
+    except SnapshotError:
+        if list_snapshots(root):
+            raise
+        return None
 
 
 def read_newest(root: str | os.PathLike[str], loader: Callable[[Path], Any] = read) -> Any:

@@ -29,7 +29,7 @@ import orjson
 
 from stream_fm import snapshot
 from stream_fm.deadletters import DeadLetters
-from stream_fm.errors import ConfigError, FeatureError, SnapshotError
+from stream_fm.errors import ConfigError, FeatureError
 from stream_fm.join import Joiner
 from stream_fm.model import SparseFM
 from stream_fm.progress import Bar
@@ -162,13 +162,10 @@ class Worker:
     def _newest_snapshot(self, otherwise: str) -> tuple[SparseFM, snapshot.Snapshot] | None:
         """The newest valid snapshot in the snapshot directory; None if there is none at all
         (``otherwise``: what the worker does then, for the log)."""
-        try:
-            return snapshot.read_newest(self.config.snapshot_dir, snapshot.restore)
-        except SnapshotError as e:
-            if snapshot.list_snapshots(self.config.snapshot_dir):
-                raise  # snapshots exist but none is valid: starting afresh would silently lose the model
-            log.info("no snapshot in %s: %s (%s)", self.config.snapshot_dir, otherwise, e.reason)
-            return None
+        newest = snapshot.restore_newest(self.config.snapshot_dir)
+        if newest is None:
+            log.info("no snapshot in %s: %s", self.config.snapshot_dir, otherwise)
+        return newest
 
     def _restore_stats(self, snap: snapshot.Snapshot) -> None:
         """The counters as the snapshot left them (metrics count from here: the baseline)."""

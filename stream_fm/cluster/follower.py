@@ -26,7 +26,6 @@ from stream_fm import snapshot
 from stream_fm.cluster import rounds
 from stream_fm.cluster.ledger import Ledger, cluster_state
 from stream_fm.cluster.sync import SyncLog
-from stream_fm.errors import SnapshotError
 from stream_fm.model import SparseFM
 from stream_fm.serving import Predictor, Refreshed
 
@@ -58,12 +57,7 @@ class Follower(Refreshed):
 
     def _prepare(self) -> None:
         """The newest valid snapshot of the root, or the cluster's genesis if it has none."""
-        try:
-            model, snap = snapshot.read_newest(self.root, snapshot.restore)
-        except SnapshotError:
-            if snapshot.list_snapshots(self.root):
-                raise  # snapshots, none valid: not a reason to start from scratch silently
-            model = snap = None
+        model, snap = snapshot.restore_newest(self.root) or (None, None)
         if snap is not None:
             state = cluster_state(
                 snap, self.sync.topic, "--sync-topic", "the member whose snapshots these are"

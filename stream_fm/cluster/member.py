@@ -164,7 +164,6 @@ class Member(Worker):
                 self._follow_assignment()
                 self._poll()  # (waits up to IDLE_WAIT for records; never on the sync topic)
                 self._close_rounds()
-                self._read_sync(0.0)
                 self._status()
                 self._maybe_snapshot()
                 self._commit_if_durable()
