@@ -304,6 +304,14 @@ class KafkaSource(Source):
         batch with an older epoch was fetched before the seek: the caller drops it)."""
         self._send(("seek", topic, partition, offset, epoch))
 
+    def hold(self, topic: str, partition: int) -> None:
+        """Stop fetching the partition for now (what is in flight still comes)."""
+        self._send(("hold", topic, partition))
+
+    def release(self, topic: str, partition: int) -> None:
+        """Fetch the partition again, after the last record handed over (a seek releases it too)."""
+        self._send(("release", topic, partition))
+
     def pause(self) -> None:
         super().pause()
         self._send(("pause",))

@@ -424,3 +424,47 @@ def test_a_second_member_in_the_group_is_reported_loudly(kafka, topic_factory, t
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
+
+
+def test_a_held_partition_stops_and_a_released_one_goes_on_where_it_stopped(kafka, topic_factory):
+    """A cluster member holds a partition it has read far enough ahead: the fetch process stops
+    fetching it (the others go on) and, released, reads it on from the last record handed over,
+    nothing skipped or repeated. (kafka-python 3.0 alone would never fetch it again.) A pause and
+    a resume of the whole source, after it, do the same."""
+    from stream_fm.sources import KafkaSource
+
+    topic = topic_factory(partitions=3)
+    produce(kafka.bootstrap, topic, make_stream(30_000, 5).messages)
+    ends = end_offsets(kafka.bootstrap, topic)
+    source = KafkaSource(kafka.bootstrap, [topic], f"g-{topic}", max_records=200, cluster=True)
+    got: dict[int, list[int]] = {p: [] for p in ends}
+
+    def take(until, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not until():
+            assert time.monotonic() < deadline, {p: len(o) for p, o in got.items()}
+            for batch in source.poll(0.2, 200):
+                got[batch.partition] += batch.offsets
+
+    def drain(seconds: float) -> None:  # whatever comes within ``seconds``
+        quiet = time.monotonic() + seconds
+        take(lambda: time.monotonic() >= quiet)
+
+    source.start({})
+    try:
+        take(lambda: got[0])
+        source.hold(topic, 0)
+        take(lambda: all(len(got[p]) == ends[p] for p in (1, 2)))
+        held = len(got[0])
+        drain(2.0)
+        assert len(got[0]) == held < ends[0] // 2  # (what was in flight at the hold came, no more)
+        source.release(topic, 0)
+        take(lambda: len(got[0]) >= ends[0] // 2)
+        source.pause()
+        drain(2.0)
+        assert len(got[0]) < ends[0]
+        source.resume()
+        take(lambda: len(got[0]) >= ends[0])
+        assert got == {p: list(range(end)) for p, end in ends.items()}
+    finally:
+        source.close()

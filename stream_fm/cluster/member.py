@@ -57,7 +57,7 @@ __all__ = ["PUBLISH_AHEAD", "READ_AHEAD", "ClusterConfig", "Member"]
 
 log = logging.getLogger(__name__)
 
-READ_AHEAD = 10  # rounds of a partition's records held unpublished (more are dropped, read again)
+READ_AHEAD = 10  # rounds of a partition's records read unpublished before its fetching is held
 PUBLISH_AHEAD = 2  # rounds an owner publishes past the one the cluster folds next
 IDLE_WAIT = 0.05  # seconds a loop waits for records when none are there (then reads the sync topic)
 
@@ -85,7 +85,8 @@ class _Held:
     keys: list[bytes | None] = field(default_factory=list)
     values: list[bytes | None] = field(default_factory=list)
     last_arrival: float = 0.0
-    refetch: int | None = None  # read ahead far enough: records from here on are read again later
+    holding: bool = False  # read ahead far enough: the fetch process holds the partition
+    refetch: int | None = None  # read too far ahead all the same: records from here on are read again
 
 
 class Member(Worker):
@@ -277,17 +278,19 @@ class Member(Worker):
     def _poll(self) -> bool:
         """Take the next records of owned partitions; False if none came.
 
-        A partition read ``READ_AHEAD`` rounds ahead takes no more: its records are dropped and read again
-        once it needs them (a seek), which bounds memory without pausing the consumer
-        (kafka-python 3.0 stops fetching a partition that was paused and resumed: measured). It
-        polls on every loop, needed or not: the consumer takes part in rebalances only while it
-        is polled, and a member that stopped polling while it waited for a partition moving to
-        another member held the group's rebalance for max.poll.interval.ms (5 minutes: measured).
-        Reading twice what was dropped is the price (benchmarks/bench_cluster.py)."""
+        A partition read ``READ_AHEAD`` rounds ahead is held (the fetch process stops fetching it)
+        until half of that is left, which bounds memory. It polls on every loop, needed or not:
+        the consumer takes part in rebalances only while it is polled, and a member that stopped
+        polling while it waited for a partition moving to another member held the group's
+        rebalance for max.poll.interval.ms (5 minutes: measured). Should records still come far
+        past a hold, they are dropped and read again later (a seek; counted as read twice)."""
         ahead = READ_AHEAD * self.cluster.round_records
         for held in self.held.values():
             if held.refetch is not None and len(held.offsets) < self.cluster.round_records:
                 self._seek(held, held.refetch)
+            elif held.holding and len(held.offsets) < ahead // 2:
+                held.holding = False
+                self.source.release(*self.ledger.partitions[held.index])
         batches = self.source.poll(IDLE_WAIT, self.config.batch_size)
         now = time.monotonic()
         for batch in batches:
@@ -303,19 +306,22 @@ class Member(Worker):
                 assert held.joiner is not None
                 join_values(batch.values[:cut], held.joiner, self.config.max_message_bytes, lambda *_: None,
                             [], [], Counter(), batch.offsets, held.offset_of)  # fmt: skip
-            if cut < len(batch.offsets) and len(held.offsets) >= ahead:
+            if cut < len(batch.offsets) and len(held.offsets) >= 2 * ahead:
                 held.refetch = batch.offsets[cut]
                 self.counters.records_reread += len(batch.offsets) - cut
                 continue
             held.offsets += batch.offsets[cut:]
             held.keys += batch.keys[cut:]
             held.values += batch.values[cut:]
+            if len(held.offsets) >= ahead and not held.holding:
+                held.holding = True
+                self.source.hold(batch.topic, batch.partition)
         return bool(batches)
 
     def _seek(self, held: _Held, offset: int) -> None:
         """Read the partition from ``offset`` on; batches fetched before are dropped (epochs)."""
         self._epoch += 1
-        held.epoch, held.refetch, held.last_arrival = self._epoch, None, time.monotonic()
+        held.epoch, held.refetch, held.holding, held.last_arrival = self._epoch, None, False, time.monotonic()
         self.source.seek(*self.ledger.partitions[held.index], offset, held.epoch)
 
     def _close_rounds(self) -> None:
