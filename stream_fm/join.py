@@ -24,9 +24,10 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Joiner", "LabelledSample"]
+__all__ = ["JoinView", "Joiner", "Joins", "LabelledSample"]
 
 # (label, features, event time of the impression)
 LabelledSample = tuple[bool, dict[str, Any], float]
@@ -66,6 +67,11 @@ class Joiner:
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    @property
+    def empty(self) -> bool:
+        """Nothing pending, no closed id remembered."""
+        return not self._pending and not self._closed
 
     def holds(self, id: str) -> bool:
         """The join holds the impression: pending, or remembered as closed."""
@@ -216,3 +222,115 @@ class Joiner:
             joiner.late_impressions,
         ) = state["counters"]
         return joiner
+
+
+@dataclass
+class JoinView:
+    """Several joins summed, as plain values (the metrics' and the log's ``joiner``: set on the
+    worker's thread, read on the HTTP thread). The watermark is the lowest."""
+
+    pending: int = 0
+    watermark: float = float("-inf")
+    late_clicks: int = 0
+    orphan_clicks: int = 0
+    duplicates: int = 0
+    overflow: int = 0
+    late_impressions: int = 0
+
+    @classmethod
+    def of(cls, joiners: list[Joiner]) -> JoinView:
+        view = cls(pending=sum(j.pending for j in joiners))
+        if joiners:
+            view.watermark = min(j.watermark for j in joiners)
+        for name in ("late_clicks", "orphan_clicks", "duplicates", "overflow", "late_impressions"):
+            setattr(view, name, sum(getattr(j, name) for j in joiners))
+        return view
+
+
+class Joins:
+    """The single worker's joins: one :class:`Joiner` per topic-partition. An impression and its
+    clicks share a partition (producers key by impression id), so each partition's samples
+    depend on its own records only, never on how far the others have been read. (With one join
+    for all partitions, reading a backlog closed the windows of the partitions read behind the
+    others as their impressions arrived: a fetch of one partition spans minutes of a slow
+    stream's event time. Measured on 1.2M demo events: 66,349 of 93,995 clicks trained.)
+    ``max_pending`` bounds each partition's join.
+
+    A join state saved before (format 1: one join for every partition) is restored as the
+    *inherited* join: the impressions it holds are joined there, its event time moving with every
+    partition's as it did, until it holds nothing more; new impressions go to their partition's.
+    """
+
+    FORMAT = 2
+
+    def __init__(self, attribution_window: float, allowed_lateness: float, max_pending: int) -> None:
+        self.settings = (attribution_window, allowed_lateness, max_pending)
+        self.by_partition: dict[tuple[str, int], Joiner] = {}
+        self.inherited: Joiner | None = None
+
+    def of(self, topic: str, partition: int) -> Joiner | _Inherited:
+        """The join of ``topic``/``partition`` (created on first use)."""
+        joiner = self.by_partition.get((topic, partition))
+        if joiner is None:
+            joiner = self.by_partition[topic, partition] = Joiner(*self.settings)
+        if self.inherited is None or self.inherited.empty:
+            return joiner
+        return _Inherited(joiner, self.inherited)
+
+    def view(self) -> JoinView:
+        return JoinView.of([*self.by_partition.values(), *([self.inherited] if self.inherited else [])])
+
+    def capture(self) -> Callable[[], dict[str, Any]]:
+        """Shallow copies now, the JSON-able state later (:meth:`Joiner.capture`)."""
+        parts = [(t, p, j.capture()) for (t, p), j in sorted(self.by_partition.items())]
+        inherited = self.inherited.capture() if self.inherited is not None else None
+        return lambda: {
+            "format": self.FORMAT,
+            "partitions": [[t, p, state()] for t, p, state in parts],
+            "inherited": inherited() if inherited is not None else None,
+        }
+
+    @classmethod
+    def from_state(
+        cls, state: dict[str, Any], attribution_window: float, allowed_lateness: float, max_pending: int
+    ) -> Joins:
+        """Rebuild from :meth:`capture`'s state, or from a single :class:`Joiner`'s (format 1)."""
+        joins = cls(attribution_window, allowed_lateness, max_pending)
+        config = {"attribution_window": attribution_window, "allowed_lateness": allowed_lateness,
+                  "max_pending": max_pending}  # fmt: skip
+        if "partitions" not in state:  # format 1
+            joins.inherited = Joiner.from_state(state, **config)
+            return joins
+        if state.get("format") != cls.FORMAT:
+            raise ValueError(
+                f"join state format {state.get('format')!r}: this version reads 1 and {cls.FORMAT}"
+            )
+        for topic, partition, joiner in state["partitions"]:
+            joins.by_partition[topic, int(partition)] = Joiner.from_state(joiner, **config)
+        if state["inherited"] is not None:
+            joins.inherited = Joiner.from_state(state["inherited"], **config)
+        return joins
+
+
+class _Inherited:
+    """A partition's join while the inherited one (:class:`Joins`) still holds impressions:
+    what that one holds is joined there, the rest in the partition's own; event time moves both."""
+
+    def __init__(self, own: Joiner, inherited: Joiner) -> None:
+        self.own, self.inherited = own, inherited
+
+    def holds(self, id: str) -> bool:
+        return self.own.holds(id) or self.inherited.holds(id)
+
+    def impression(self, id: str, ts: float, features: dict[str, Any]) -> list[LabelledSample]:
+        if not self.own.holds(id) and self.inherited.holds(id):
+            return self.inherited.impression(id, ts, features) + self.own.advance(ts)  # (a duplicate)
+        return self.inherited.advance(ts) + self.own.impression(id, ts, features)
+
+    def click(self, impression_id: str, ts: float) -> list[LabelledSample]:
+        if not self.own.holds(impression_id) and self.inherited.holds(impression_id):
+            return self.inherited.click(impression_id, ts) + self.own.advance(ts)
+        return self.inherited.advance(ts) + self.own.click(impression_id, ts)
+
+    def advance(self, ts: float) -> list[LabelledSample]:
+        return self.inherited.advance(ts) + self.own.advance(ts)

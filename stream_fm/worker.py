@@ -29,8 +29,8 @@ import orjson
 
 from stream_fm import snapshot
 from stream_fm.deadletters import DeadLetters
-from stream_fm.errors import ConfigError, FeatureError
-from stream_fm.join import Joiner
+from stream_fm.errors import ConfigError, FeatureError, SnapshotError
+from stream_fm.join import Joins, JoinView
 from stream_fm.model import SparseFM
 from stream_fm.progress import Bar
 from stream_fm.quality import RollingQuality
@@ -100,7 +100,8 @@ class Worker:
             keep=config.snapshot_keep,
         )
         self.model = SparseFM(**config.model)
-        self.joiner = Joiner(config.attribution_window, config.allowed_lateness, config.max_pending)
+        self.joins = Joins(config.attribution_window, config.allowed_lateness, config.max_pending)
+        self.joiner = JoinView()  # the joins summed, as of the last batch (metrics, log)
         self.positions: Positions = {}
         self.stats = Stats()
         self.quality = RollingQuality(config.quality_window)
@@ -142,12 +143,14 @@ class Worker:
         self.model = model
         state = snap.extra_arrays.get("join_state")
         if state is not None:
-            self.joiner = Joiner.from_state(
-                orjson.loads(np.asarray(state).tobytes()),
-                attribution_window=self.config.attribution_window,
-                allowed_lateness=self.config.allowed_lateness,
-                max_pending=self.config.max_pending,
-            )
+            try:
+                self.joins = Joins.from_state(
+                    orjson.loads(np.asarray(state).tobytes()),
+                    self.config.attribution_window, self.config.allowed_lateness, self.config.max_pending,
+                )  # fmt: skip
+            except ValueError as e:
+                raise SnapshotError(snap.path, str(e)) from e
+            self.joiner = self.joins.view()
         self.positions = {
             (topic, int(partition)): int(offset)
             for topic, parts in snap.offsets.items()
@@ -241,12 +244,14 @@ class Worker:
         newest = None
         for batch in batches:
             bad = functools.partial(self._bad_in, batch)
-            found = join_values(batch.values, self.joiner, self.config.max_message_bytes, bad, xs, ys, counts)
+            joiner = self.joins.of(batch.topic, batch.partition)
+            found = join_values(batch.values, joiner, self.config.max_message_bytes, bad, xs, ys, counts)
             if found is not None and (newest is None or found > newest):
                 newest = found
             if batch.offsets:
                 self.positions[batch.topic, batch.partition] = batch.offsets[-1] + 1
         self.stats.events.update(counts)
+        self.joiner = self.joins.view()
         if xs:
             self._learn(xs, ys)
             if newest is not None:
@@ -303,7 +308,7 @@ class Worker:
     # ------------------------------------------------------------------ snapshots and commits
 
     def _extra(self) -> snapshot.Extra:
-        state = self.joiner.capture()  # shallow copies now; built and serialised by the writer
+        state = self.joins.capture()  # shallow copies now; built and serialised by the writer
         return snapshot.Extra(
             meta={"stats": self.stats.to_json(), "source": self.source.name},
             offsets=self._offsets_json(),

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 import random
 
 import pytest
 
-from stream_fm.join import Joiner
+from stream_fm.join import Joiner, Joins
 
 
 def labels(samples) -> list[tuple[bool, str]]:
@@ -186,3 +187,86 @@ def test_the_oldest_offset_the_join_holds_is_tracked_in_amortised_constant_time(
             assert lows[-1] == min(held, default=offset + 1), offset
             assert len(offset_of) <= len(taken_at)
     assert len(set(lows)) > 10 and j.overflow > 0  # (it moved, and ids were forgotten for room)
+
+
+# ---------------------------------------------------------------------- the single worker's joins
+
+
+def partitioned(n: int, seed: int, partitions: int = 3) -> dict[int, list[tuple]]:
+    """Each partition's events (``random_events``, ids made distinct per partition, as producers
+    keying by impression id would place them)."""
+    def moved(p: int, e: tuple) -> tuple:
+        id = f"p{p}-{e[1]}"
+        return ("imp", id, e[2], {**e[3], "id": id}) if e[0] == "imp" else ("click", id, e[2])
+
+    return {p: [moved(p, e) for e in random_events(n, seed + p)] for p in range(partitions)}
+
+
+def test_a_partition_read_behind_the_others_keeps_its_windows():
+    """A backlog: all of partition 0, then all of partition 1. One join for both closes partition 1's
+    windows as its impressions arrive (their clicks come late); its own join keeps them."""
+    events = partitioned(400, seed=11, partitions=2)
+    joins, one = Joins(30, 5, 10_000), Joiner(30, 5, 10_000)
+    per_partition = feed(joins.of("t", 0), events[0]) + feed(joins.of("t", 1), events[1])
+    shared = feed(one, events[0] + events[1])
+    alone = [feed(Joiner(30, 5, 10_000), events[p]) for p in (0, 1)]
+    assert per_partition == alone[0] + alone[1]  # each partition as if it were read alone
+    first, second = (sum(label for label, *_ in samples) for samples in alone)
+    assert first > 50 and second > 50
+    assert sum(label for label, *_ in shared) - first < second / 2  # most of the second's clicks lost
+    assert joins.view().late_impressions == 0 and one.late_impressions > 300
+
+
+@pytest.mark.parametrize("split", [0, 1, 300, 2000])
+def test_joins_state_round_trip_continues_identically(split):
+    events = partitioned(700, seed=5)
+    order = sorted(((p, e) for p, es in events.items() for e in es), key=lambda pe: pe[1][2])  # interleaved
+    whole, first = Joins(30, 5, 50), Joins(30, 5, 50)
+    expected = [s for p, e in order for s in feed(whole.of("t", p), [e])]
+    got = [s for p, e in order[:split] for s in feed(first.of("t", p), [e])]
+    state = json.loads(json.dumps(first.capture()()))  # through JSON, as in a snapshot
+    resumed = Joins.from_state(state, 30, 5, 50)
+    got += [s for p, e in order[split:] for s in feed(resumed.of("t", p), [e])]
+    assert got == expected
+    assert resumed.capture()() == whole.capture()() and resumed.view() == whole.view()
+
+
+def test_a_join_state_of_the_previous_format_is_inherited_until_it_holds_nothing():
+    """A snapshot of the previous version holds one join for every partition (format 1). Its
+    pending impressions still get their clicks, from whichever partition; new impressions go to
+    their partition's join; every impression is trained once; the counters only grow."""
+    events = partitioned(600, seed=3)
+    order = sorted(((p, e) for p, es in events.items() for e in es), key=lambda pe: pe[1][2])
+    old = Joiner(30, 5, 10_000)  # the previous version's worker, up to the snapshot
+    out = feed(old, [e for _, e in order[:900]])
+    assert old.pending > 10
+    joins = Joins.from_state(json.loads(json.dumps(old.export_state())), 30, 5, 10_000)
+    assert joins.inherited is not None and joins.view().pending == old.pending
+    views = [joins.view()]
+    for p, e in order[900:]:
+        out += feed(joins.of("t", p), [e])
+        views.append(joins.view())
+    out += [s for p in range(3) for s in joins.of("t", p).advance(1e9)]
+    trained = sorted(f["ad"] for _, f, _ in out)
+    assert len(out) == len({e[1] for _, e in order if e[0] == "imp"})  # each impression once
+    assert "dup" not in trained
+    assert joins.inherited.empty and joins.view().pending == 0
+    for name in ("duplicates", "late_clicks", "orphan_clicks", "late_impressions"):
+        assert all(getattr(a, name) <= getattr(b, name) for a, b in itertools.pairwise(views)), name
+    # the impressions the old join held close as they would have there
+    continued = Joiner.from_state(json.loads(json.dumps(old.export_state())))
+    expected = feed(continued, [e for _, e in order[900:]]) + continued.advance(1e9)
+    held = set(old._pending)
+
+    def outcome(samples):
+        return {f["id"]: label for label, f, _ in samples if f["id"] in held}
+
+    assert outcome(out) == outcome(expected) and len(outcome(out)) == len(held)
+    assert 0 < sum(outcome(out).values()) < len(held)
+    state = json.loads(json.dumps(joins.capture()()))
+    assert state["format"] == 2 and Joins.from_state(state, 30, 5, 10_000).view() == joins.view()
+
+
+def test_a_join_state_of_an_unknown_format_is_refused_naming_both():
+    with pytest.raises(ValueError, match="join state format 3: this version reads 1 and 2"):
+        Joins.from_state({"format": 3, "partitions": [], "inherited": None}, 30, 5, 50)

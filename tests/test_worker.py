@@ -247,3 +247,46 @@ def test_all_snapshots_corrupt_is_an_error_not_a_silent_fresh_start(tmp_path):
         path.write_bytes(b"garbage")
     with pytest.raises(snapshot.SnapshotError, match="no valid snapshot"):
         Worker(FileSource(events), config).restore()
+
+
+def test_a_snapshot_with_the_previous_join_state_continues_as_if_never_stopped(tmp_path):
+    """Before joins per partition, a snapshot held one join for every partition (format 1). A
+    worker restoring one takes it over: on a one-partition file the result is the model of an
+    uninterrupted run, bit for bit, and the join state it then saves is of the current format."""
+    import hashlib
+    import json
+
+    from stream_fm.join import Joins
+
+    part, whole = tmp_path / "part.jsonl", tmp_path / "whole.jsonl"
+    write_events(part, 2000)
+    write_events(whole, 4000)  # (the same events, and more)
+    root = tmp_path / "snaps"
+    Worker(FileSource(part), WorkerConfig(snapshot_dir=root)).run()
+    path = final(root).path
+    state = orjson.loads(final(root).extra_arrays["join_state"].tobytes())
+    [(topic, partition, joiner)] = state["partitions"]
+    assert (topic, partition) == ("file", 0) and joiner["pending"]
+    file = path / "extra.join_state.npy"  # as the previous version wrote it: the joiner alone
+    np.save(file, np.frombuffer(orjson.dumps(joiner), np.uint8))
+    manifest = json.loads((path / snapshot.MANIFEST).read_bytes())
+    data = file.read_bytes()
+    manifest["files"][file.name].update(
+        sha256=hashlib.sha256(data).hexdigest(), size=len(data), shape=list(np.load(file).shape)
+    )
+    body = json.dumps(manifest).encode()
+    (path / snapshot.MANIFEST).write_bytes(body)
+    (path / snapshot.MANIFEST_SHA256).write_text(hashlib.sha256(body).hexdigest())
+
+    resumed = Worker(FileSource(whole), WorkerConfig(snapshot_dir=root))
+    resumed.restore()
+    assert resumed.joins.inherited is not None and resumed.joiner.pending == len(joiner["pending"])
+    resumed.run()
+    calm = Worker(FileSource(whole), WorkerConfig(snapshot_dir=tmp_path / "calm"))
+    calm.run()
+    a, b = final(root), final(tmp_path / "calm")
+    assert a.extra["stats"] == b.extra["stats"] and a.offsets == b.offsets
+    for name, array in a.model_arrays.items():
+        assert np.array_equal(array, b.model_arrays[name]), name
+    saved = orjson.loads(a.extra_arrays["join_state"].tobytes())
+    assert saved["format"] == Joins.FORMAT and saved["inherited"] is not None

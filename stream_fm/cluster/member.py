@@ -45,10 +45,10 @@ from stream_fm import snapshot
 from stream_fm.cluster import rounds
 from stream_fm.cluster.delta import Delta
 from stream_fm.cluster.ledger import Ledger, cluster_state
-from stream_fm.cluster.status import ClusterCounters, JoinView
+from stream_fm.cluster.status import ClusterCounters
 from stream_fm.cluster.sync import SyncLog
 from stream_fm.deadletters import DeadLetters
-from stream_fm.join import Joiner
+from stream_fm.join import Joiner, JoinView
 from stream_fm.samples import join_values, oldest_held
 from stream_fm.sources import KafkaSource, Record
 from stream_fm.worker import Worker, WorkerConfig
@@ -406,4 +406,4 @@ class Member(Worker):
         c.rounds = {ledger.partitions[p]: h.round for p, h in self.held.items()}
         c.merged = ledger.merged
         c.records_waiting = sum(len(h.offsets) for h in self.held.values())
-        self.joiner = JoinView.of([h.joiner for h in self.held.values() if h.joiner is not None])  # type: ignore[assignment]
+        self.joiner = JoinView.of([h.joiner for h in self.held.values() if h.joiner is not None])

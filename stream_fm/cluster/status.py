@@ -1,13 +1,11 @@
-"""What a cluster member reports: its rounds' counters and its partitions' joins, as plain values
-set on the member's thread and read by the metrics layer's (:mod:`stream_fm.metrics`)."""
+"""What a cluster member reports of its rounds, as plain values set on the member's thread and read
+by the metrics layer's (:mod:`stream_fm.metrics`); its joins' are a :class:`~stream_fm.join.JoinView`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from stream_fm.join import Joiner
-
-__all__ = ["ClusterCounters", "JoinView"]
+__all__ = ["ClusterCounters"]
 
 
 @dataclass
@@ -23,25 +21,3 @@ class ClusterCounters:
     rounds_published: int = 0
     delta_bytes: int = 0
     delta_keys: int = 0
-
-
-@dataclass
-class JoinView:
-    """The joins of the partitions a member owns, summed (the metrics' and the log's ``joiner``)."""
-
-    pending: int = 0
-    watermark: float = float("-inf")
-    late_clicks: int = 0
-    orphan_clicks: int = 0
-    duplicates: int = 0
-    overflow: int = 0
-    late_impressions: int = 0
-
-    @classmethod
-    def of(cls, joiners: list[Joiner]) -> JoinView:
-        view = cls(pending=sum(j.pending for j in joiners))
-        if joiners:
-            view.watermark = min(j.watermark for j in joiners)
-        for name in ("late_clicks", "orphan_clicks", "duplicates", "overflow", "late_impressions"):
-            setattr(view, name, sum(getattr(j, name) for j in joiners))
-        return view
