@@ -195,6 +195,7 @@ def test_the_oldest_offset_the_join_holds_is_tracked_in_amortised_constant_time(
 def partitioned(n: int, seed: int, partitions: int = 3) -> dict[int, list[tuple]]:
     """Each partition's events (``random_events``, ids made distinct per partition, as producers
     keying by impression id would place them)."""
+
     def moved(p: int, e: tuple) -> tuple:
         id = f"p{p}-{e[1]}"
         return ("imp", id, e[2], {**e[3], "id": id}) if e[0] == "imp" else ("click", id, e[2])
