@@ -10,14 +10,16 @@
   started if needed) and a 6-partition topic of demo events (``--event-rate``: impressions a
   second of event time), snapshots every 60 s (the default): CPU-seconds per event of a single
   worker and of clusters of 1, 2 and 3 members (their Kafka fetch processes included; the broker's
-  own CPU beside it), delta bytes per event, fold and wait time per round, and the recovery after
-  ``kill -9`` of one of two members.
-- **Bandwidth**: the sync topic's bytes per event as published (zlib), uncompressed, and with
-  float32 values.
+  own CPU beside it), over the whole run (start-up and rebalances included) and in the steady
+  state (from the first second every process has had partitions assigned to the last before the
+  end, against the events learned meanwhile), delta bytes per event, fold and wait time per round,
+  and the recovery after ``kill -9`` of one of two members.
+- **Bandwidth**: the sync topic's bytes per event as published (lz4), with zlib, uncompressed, and
+  with float32 values.
 - **Scale, on paper**: events/s of N = 1..32 members from the measured per-event costs.
 
-    python benchmarks/bench_cluster.py [--events 300000] [--rounds 500 2000 10000] [--repeat 3]
-        [--skip-quality] [--skip-cost]
+    python benchmarks/bench_cluster.py [--events 1200000] [--rounds 500 2000 10000] [--repeat 3]
+        [--event-rate 50] [--skip-quality] [--skip-cost]
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import urllib.request
 import zlib
 from pathlib import Path
 
+import lz4.frame
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -211,9 +214,20 @@ def run(bootstrap: str, topic: str, ends: dict[int, int], members: int | None, t
     # done when every process's metrics report the topic's end as its position (folded, for a
     # member): snapshots keep their default interval (60 s), as a deployment would. Asked once a
     # second (a scrape computes the rolling AUC: asking often costs the workers CPU), so the run
-    # is measured up to a second past its end (idle then: a few ms of CPU)
-    while len(urls(log)) < len(procs) or not all(positions(u, topic) == ends for u in urls(log)):
+    # is measured up to a second past its end (idle then: a few ms of CPU). Each answer is also
+    # a point of the steady state: (CPU so far, events learned so far) once every process has
+    # had partitions assigned, up to the last answer before the end
+    total, points = sum(ends.values()), []
+    while True:
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs), log.read_text()[-3000:]
+        announced = urls(log)
+        if len(announced) == len(procs):
+            cpu_now = sum(tree_cpu(p.pid) for p in procs)
+            done = min(sum(positions(u, topic).values()) for u in announced)
+            if done >= total:
+                break
+            if log.read_text().count("partitions assigned: [(") >= len(procs) and done > 0:
+                points.append((cpu_now, done))
         time.sleep(1.0)
     wall = time.perf_counter() - t
     cpu = sum(tree_cpu(p.pid) for p in procs) - before
@@ -222,14 +236,18 @@ def run(bootstrap: str, topic: str, ends: dict[int, int], members: int | None, t
         p.send_signal(signal.SIGTERM)
     for p in procs:
         assert p.wait(120) == 0, log.read_text()[-3000:]
+    steady = None
+    if len(points) >= 3:  # (from the first point to the last: at least 2 seconds)
+        (cpu0, done0), (cpu1, done1) = points[0], points[-1]
+        steady = (cpu1 - cpu0) / (done1 - done0) if done1 > done0 else None
     return {
         "tag": tag,
         "wall": wall,
         "cpu": cpu,
+        "steady": steady,  # CPU-seconds an event in the steady state (None: too short a run)
         "broker_cpu": broker_cpu() - broker_before,
         "counters": counters,
-        # what the join made of the stream (a single worker's one watermark closes the impressions
-        # of partitions read behind the others as they arrive; a member's join is per partition)
+        # what the joins made of the stream (each partition's own, in either mode)
         "trained": snapshot.read(roots[0] / snapshot.latest_name(roots[0])).extra["stats"]["trained"],
     }
 
@@ -242,19 +260,21 @@ def sync_bytes(bootstrap: str, sync: str) -> dict[str, float]:
         sync, bootstrap_servers=bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=5000
     )
     assembler = Assembler()
-    sizes = {"published (zlib, level 1)": 0, "uncompressed": 0, "float32 values, zlib": 0, "keys": 0}
+    sizes = {"published (lz4)": 0, "zlib, level 1": 0, "uncompressed": 0, "float32 values, lz4": 0, "keys": 0}
     for m in reader:
         if m.value[:4] != b"SFMC":
             continue
-        sizes["published (zlib, level 1)"] += len(m.value)
+        sizes["published (lz4)"] += len(m.value)
         delta = assembler.add(m.value)
         if delta is None:
             continue
-        sizes["uncompressed"] += sum(a.nbytes for a in delta.arrays.values())
+        raw = b"".join(a.tobytes() for a in delta.arrays.values())
+        sizes["zlib, level 1"] += len(zlib.compress(raw, 1))
+        sizes["uncompressed"] += len(raw)
         small = b"".join(
             (a.astype(np.float32) if a.dtype == np.float64 else a).tobytes() for a in delta.arrays.values()
         )
-        sizes["float32 values, zlib"] += len(zlib.compress(small, 1))
+        sizes["float32 values, lz4"] += len(lz4.frame.compress(small))
         sizes["keys"] += delta.meta["keys"]
     reader.close()
     return sizes
@@ -327,10 +347,13 @@ def cost(bootstrap: str, n: int, repeat: int = 1, rate: float = 50.0) -> dict:
         # each config's run of median CPU
         runs = {name: sorted(t, key=lambda r: r["cpu"])[len(t) // 2] for name, t in tries.items()}
         spread = {name: [round(1e6 * r["cpu"] / n, 1) for r in t] for name, t in tries.items()}
+        steady = {name: sorted(r["steady"] for r in t if r["steady"]) for name, t in tries.items()}
         sync = next(r["tag"] for r in runs.values() if r["tag"].startswith("sync-1-"))
         sizes = sync_bytes(bootstrap, sync)
         killed = recovery(bootstrap, topic, ends, tmp)
     base = runs["single worker"]["cpu"] / n
+    median = {name: v[len(v) // 2] if v else None for name, v in steady.items()}
+    base_steady = median["single worker"]
     rows = []
     for name, r in runs.items():
         c = r["counters"]
@@ -341,19 +364,22 @@ def cost(bootstrap: str, n: int, repeat: int = 1, rate: float = 50.0) -> dict:
         reread = sum(m["stream_fm_cluster_records_reread_total"] for m in c) if c else 0
         rows.append((
             name, f"{r['wall']:.1f}", f"{n / r['wall']:,.0f}", f"{1e6 * r['cpu'] / n:.1f}",
-            f"{r['cpu'] / n / base:.2f}x", f"{1e6 * r['broker_cpu'] / n:.1f}",
+            f"{r['cpu'] / n / base:.2f}x",
+            f"{1e6 * median[name]:.1f}" if median[name] else "", f"{median[name] / base_steady:.2f}x"
+            if median[name] and base_steady else "", f"{1e6 * r['broker_cpu'] / n:.1f}",
             f"{published / n:.0f}" if c else "", f"{1e3 * folds / rounds:.1f}" if rounds else "",
             f"{1e3 * waits / rounds:.1f}" if rounds else "", f"{100 * reread / n:.0f}%" if c else "",
             f"{r['trained'].get('1', 0):,} of {r['trained'].get('0', 0) + r['trained'].get('1', 0):,}",
         ))  # fmt: skip
     print_table(
-        ["run", "wall s", "events/s", "CPU µs/event (workers)", "vs single", "broker CPU µs/event",
+        ["run", "wall s", "events/s", "CPU µs/event (workers)", "vs single", "steady state µs/event",
+         "vs single (steady)", "broker CPU µs/event",
          "delta B/event", "fold ms/round (each member)", "wait ms/round (each member)", "records read twice",
          "positives trained"],
         rows,
     )  # fmt: skip
     print()
-    sent = sizes["published (zlib, level 1)"]
+    sent = sizes["published (lz4)"]
     print_table(
         ["encoding of the 1-member run's rounds", "bytes/event", "vs published"],
         [(k, f"{v / n:.0f}", f"{v / sent:.2f}") for k, v in sizes.items() if k != "keys"],
@@ -363,7 +389,8 @@ def cost(bootstrap: str, n: int, repeat: int = 1, rate: float = 50.0) -> dict:
     if repeat > 1:
         print(f"\nCPU µs/event of each of the {repeat} runs (the table shows the median):")
         for name, values in spread.items():
-            print(f"  {name}: {', '.join(map(str, values))}")
+            steadies = ", ".join(f"{1e6 * v:.1f}" for v in steady[name])
+            print(f"  {name}: {', '.join(map(str, values))} (steady state: {steadies})")
     times = ", ".join(f"{k}: {v:.1f} s" for k, v in killed.items())
     print(f"kill -9 of one of two members, restarted at once: {times}")
     return {"n": n, "runs": runs, "sizes": sizes, "recovery": killed}
@@ -390,7 +417,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--events", type=int, default=300_000)
+    parser.add_argument("--events", type=int, default=1_200_000)
     parser.add_argument("--rounds", type=int, nargs="*", default=[500, DEFAULT_ROUND, 10_000])
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-cost", action="store_true")

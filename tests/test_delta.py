@@ -3,6 +3,7 @@ limit, and every kind of damage detected before anything is applied."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -113,10 +114,20 @@ def test_two_deltas_of_one_round_assemble_side_by_side():
     assert first.same_as(one) and second.same_as(two)
 
 
-def test_chunks_that_disagree_are_refused():
+def resigned(message: bytes, **changes) -> bytes:
+    """``message`` with its header changed and checksummed anew (a sender that says otherwise)."""
+    header, start = wire._split(message, wire.CHUNK_MAGIC, "sync message")
+    header.update(changes)
+    fields = {k: v for k, v in header.items() if k != "chunk_sha256"}
+    header["chunk_sha256"] = wire._chunk_digest(fields, message[start:])
+    body = json.dumps(header, separators=(",", ":")).encode()
+    return wire.CHUNK_MAGIC + wire._U32.pack(len(body)) + body + message[start:]
+
+
+@pytest.mark.parametrize("field", ["count", "codec"])
+def test_chunks_that_disagree_are_refused(field):
     a = encode(a_delta(seed=1), 3000)
-    count = f'"count":{len(a)}'.encode()
-    lying = a[1].replace(count, f'"count":{len(a) + 1}'.encode(), 1)  # same delta, other count
+    lying = resigned(a[1], **{"count": len(a) + 1} if field == "count" else {"codec": "zlib"})
     assert lying != a[1]
     assembler = Assembler()
     assembler.add(a[0])
@@ -160,6 +171,33 @@ def test_the_payload_travels_compressed_and_expands_within_bounds(monkeypatch):
     monkeypatch.setattr(wire, "MAX_PAYLOAD", 1000)
     with pytest.raises(DeltaError, match="partition 0 round 3: the payload expands past 1000 bytes"):
         assemble(messages)
-    monkeypatch.setattr(wire.zlib, "compress", lambda data, level: data)  # sent uncompressed
-    with pytest.raises(DeltaError, match="partition 0 round 3: the payload does not expand"):
-        assemble(encode(samples, 1 << 20))
+    monkeypatch.setattr(wire, "MAX_PAYLOAD", 1 << 30)
+    for codec in wire.CODECS:  # sent uncompressed, said to be compressed
+        monkeypatch.setattr(wire, "_compress", lambda data, codec: data)
+        with pytest.raises(DeltaError, match="partition 0 round 3: the payload does not expand"):
+            assemble(encode(samples, 1 << 20, codec))
+
+
+def test_rounds_compressed_with_zlib_by_the_first_release_still_read():
+    """The first release of this format compressed with zlib and named no codec in the header."""
+    delta = a_delta()
+    (message,) = encode(delta, 1 << 20, "zlib")
+    header, start = wire._split(message, wire.CHUNK_MAGIC, "sync message")
+    assert header.pop("codec") == "zlib"
+    header["chunk_sha256"] = header["payload_sha256"]  # (of the bytes alone then: one chunk, the payload)
+    body = json.dumps(header, separators=(",", ":")).encode()
+    first_release = wire.CHUNK_MAGIC + wire._U32.pack(len(body)) + body + message[start:]
+    (back,) = assemble([first_release])
+    assert back.same_as(delta)
+    assert len(encode(delta, 1 << 20)[0]) != len(message)  # (lz4 now)
+
+
+def test_a_codec_this_release_does_not_know_is_refused_naming_what_it_reads():
+    (message,) = encode(a_delta(), 1 << 20)
+    with pytest.raises(DeltaError, match="codec 'zst': this release reads lz4 and zlib"):
+        assemble([resigned(message, codec="zst")])
+    renamed = message.replace(b'"codec":"lz4"', b'"codec":"zst"')  # (without a new checksum)
+    with pytest.raises(DeltaError, match="do not match its sha256"):
+        assemble([renamed])
+    with pytest.raises(ConfigError, match="codec"):
+        encode(a_delta(), 1 << 20, "zstd")

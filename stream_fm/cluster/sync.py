@@ -109,6 +109,10 @@ class SyncLog:
             linger_ms=5,
             max_in_flight_requests_per_connection=1,
             max_request_size=self.max_message_bytes + 1024,
+            # a member's rounds of several partitions, published together, in one batch and one
+            # request: kafka-python's network thread spends about a millisecond a request whatever
+            # its size (measured: 600 messages of 30 kB, 0.49 s alone, 0.18 s six to a batch)
+            batch_size=self.max_message_bytes,
             **self.client,
         )
 
