@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import argparse
+import http.client
 import re
 import signal
 import subprocess
@@ -223,7 +224,13 @@ def run(bootstrap: str, topic: str, ends: dict[int, int], members: int | None, t
         announced = urls(log)
         if len(announced) == len(procs):
             cpu_now = sum(tree_cpu(p.pid) for p in procs)
-            done = min(sum(positions(u, topic).values()) for u in announced)
+            try:
+                done = min(sum(positions(u, topic).values()) for u in announced)
+            except (OSError, http.client.HTTPException) as e:  # (asked again a second later)
+                said = [ln for ln in log.read_text().splitlines() if "Error" in ln or "Exception" in ln]
+                print(f"a scrape failed ({e!r}); the workers' log says: {said[-5:]}", file=sys.stderr)
+                time.sleep(1.0)
+                continue
             if done >= total:
                 break
             if log.read_text().count("partitions assigned: [(") >= len(procs) and done > 0:
