@@ -45,9 +45,10 @@ from bench_e2e import broker, end_offsets, ensure_topic
 from bench_quality import log_loss
 from common import machine, print_table
 
-from stream_fm import SparseFM, snapshot
+from stream_fm import SparseFM
 from stream_fm.cluster.delta import Assembler, encode
 from stream_fm.cluster.rounds import fold_round, pack_round
+from stream_fm.snapshots import snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -133,7 +134,7 @@ def worker_args(
     bootstrap: str, topic: str, root: Path, sync: str | None, group: str, snapshot_interval: float = 60.0
 ) -> list[str]:
     args = [
-        sys.executable, "-m", "stream_fm.cli", "run", "--bootstrap-servers", bootstrap, "--topic", topic,
+        sys.executable, "-m", "stream_fm", "run", "--bootstrap-servers", bootstrap, "--topic", topic,
         "--group-id", group, "--snapshot-dir", str(root), "--snapshot-interval", str(snapshot_interval),
         "--metrics-port", "0", "--attribution-window", "120", "--progress-interval", "5",
         "--session-timeout", "6",

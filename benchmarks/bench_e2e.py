@@ -28,10 +28,10 @@ from kafka.admin import KafkaAdminClient, NewTopic
 sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, print_table
 
-from stream_fm.demo import DemoStream
-from stream_fm.progress import Bar
-from stream_fm.sources import KafkaSource
-from stream_fm.worker import Worker, WorkerConfig
+from stream_fm.ops.progress import Bar
+from stream_fm.stream.demo import DemoStream
+from stream_fm.stream.sources import KafkaSource
+from stream_fm.stream.worker import Worker, WorkerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,7 +107,7 @@ def worker(bootstrap: str, topic: str, n: int, metrics: bool) -> tuple[float, Wo
     state = {"t0": None}
     exporter = None
     if metrics:
-        from stream_fm.metrics import MetricsServer
+        from stream_fm.ops.metrics import MetricsServer
 
         exporter = MetricsServer(w, host="127.0.0.1", port=0).start()
         scrape = threading.Thread(target=_scrape, args=(exporter.url, stop), daemon=True)

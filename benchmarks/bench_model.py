@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import datasets
 from common import machine, one_hot, print_table
 
-from stream_fm import SparseFM, updates
+from stream_fm import SparseFM
+from stream_fm.model import updates
 
 BATCH = 4096
 

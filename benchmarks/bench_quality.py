@@ -33,7 +33,7 @@ import suite
 from common import machine, one_hot, print_table
 
 from stream_fm import SparseFM
-from stream_fm.progress import Bar
+from stream_fm.ops.progress import Bar
 
 RESULTS = Path(__file__).parent / "results"
 Learner = Callable[[datasets.Stream], np.ndarray]  # stream -> progressive predictions

@@ -25,13 +25,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 import datasets
 from common import machine, print_table
 
-from stream_fm import SparseFM, serving, snapshot
-from stream_fm.snapshot_writer import SnapshotWriter
+from stream_fm import SparseFM
+from stream_fm.serve import serving
+from stream_fm.snapshots import snapshot
+from stream_fm.snapshots.snapshot_writer import SnapshotWriter
 
 LOAD = """
 import json, sys, time
 t = time.perf_counter()
-from stream_fm import serving, snapshot
+from stream_fm.serve import serving
+from stream_fm.snapshots import snapshot
 t_import = time.perf_counter() - t
 t = time.perf_counter(); p = serving.load(sys.argv[1]); t_load = time.perf_counter() - t
 t = time.perf_counter(); m, _ = snapshot.restore(p.path); t_restore = time.perf_counter() - t

@@ -59,5 +59,5 @@ def stream_fm_process(args: list[str], log: Path, cwd: Path | None = None) -> su
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "stream_fm.cli", *args], stdout=out, stderr=out, env=env, cwd=cwd
+            [sys.executable, "-m", "stream_fm", *args], stdout=out, stderr=out, env=env, cwd=cwd
         )

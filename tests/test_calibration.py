@@ -1,4 +1,4 @@
-"""Calibration (stream_fm/updates.py): the reports against a plain reference, the model's own
+"""Calibration (stream_fm/model/updates.py): the reports against a plain reference, the model's own
 learning untouched by it, what it does on noise and on a timid model, and old states."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from helpers import assert_batch_equals_loop, state_equal
 
 from stream_fm import ConfigError, SparseFM
-from stream_fm._kernels import (
+from stream_fm.model._kernels import (
     B_GAIN0,
     B_LIN,
     B_LIN_MEAN,

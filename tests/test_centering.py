@@ -1,4 +1,4 @@
-"""Centring of numeric features and the averaged intercept (stream_fm/updates.py): what moves
+"""Centring of numeric features and the averaged intercept (stream_fm/model/updates.py): what moves
 where in one step, what they leave alone, what they buy, and states written before them."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 from helpers import assert_batch_equals_loop, categorical_stream, state_equal
 
 from stream_fm import ConfigError, SparseFM
-from stream_fm._kernels import B_W0, B_W0_REPORT
-from stream_fm.updates import COL_SUM
+from stream_fm.model._kernels import B_W0, B_W0_REPORT
+from stream_fm.model.updates import COL_SUM
 
 
 def _learn(model: SparseFM, stream) -> np.ndarray:

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 from helpers import stream_fm_process
 
-from stream_fm import __version__, cli, snapshot
+from stream_fm import __version__
+from stream_fm.ops import cli
+from stream_fm.snapshots import snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = ["run", "replay", "produce", "inspect", "serve", "config", "warmup"]
@@ -105,7 +107,7 @@ def _free_port() -> int:
 def test_progress_bar_draws_on_a_terminal_only():
     import io
 
-    from stream_fm.progress import Bar
+    from stream_fm.ops.progress import Bar
 
     class Terminal(io.StringIO):
         def isatty(self) -> bool:

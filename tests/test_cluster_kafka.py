@@ -27,7 +27,7 @@ from test_worker_kafka import (
     wait_until,
 )
 
-from stream_fm import snapshot
+from stream_fm.snapshots import snapshot
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -209,9 +209,10 @@ def round_order_model(kafka, topic: str, round_records: int) -> tuple[dict, dict
 
     from kafka import KafkaConsumer, TopicPartition
 
-    from stream_fm import SparseFM, config
-    from stream_fm.join import Joiner
-    from stream_fm.samples import join_values
+    from stream_fm import SparseFM
+    from stream_fm.ops import config
+    from stream_fm.stream.join import Joiner
+    from stream_fm.stream.samples import join_values
 
     reader = KafkaConsumer(bootstrap_servers=kafka.bootstrap, consumer_timeout_ms=3000)
     reader.assign([TopicPartition(topic, p) for p in range(PARTITIONS)])
@@ -408,7 +409,7 @@ def test_serving_follows_the_sync_topic_between_snapshots(kafka, stream, topic_f
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve = subprocess.Popen(
-        [sys.executable, "-m", "stream_fm.cli", "serve", "--snapshots", str(root), "--port", str(port),
+        [sys.executable, "-m", "stream_fm", "serve", "--snapshots", str(root), "--port", str(port),
          "--sync-topic", sync, "--bootstrap-servers", kafka.bootstrap],
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

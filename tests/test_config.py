@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from stream_fm import cli
-from stream_fm.config import MASK, SETTINGS, load, reference_markdown
 from stream_fm.errors import ConfigError
-from stream_fm.logs import JsonFormatter
+from stream_fm.ops import cli
+from stream_fm.ops.config import MASK, SETTINGS, load, reference_markdown
+from stream_fm.ops.logs import JsonFormatter
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -120,7 +120,7 @@ def test_every_setting_is_documented_and_the_readme_reference_is_generated():
     assert begin in readme and end in readme, "README lacks the generated configuration reference"
     assert readme.split(begin)[1].split(end)[0] == reference, (
         "README's configuration reference drifted: "
-        "paste stream_fm.config.reference_markdown() between the markers"
+        "paste stream_fm.ops.config.reference_markdown() between the markers"
     )
     for s in SETTINGS:
         assert s.help and f"`{s.key}`" in reference
@@ -128,13 +128,13 @@ def test_every_setting_is_documented_and_the_readme_reference_is_generated():
 
 def test_json_log_lines():
     record = logging.makeLogRecord(
-        {"name": "stream_fm.worker", "levelname": "INFO", "msg": "hello %s", "args": ("you",)}
+        {"name": "stream_fm.stream.worker", "levelname": "INFO", "msg": "hello %s", "args": ("you",)}
     )
     record.created = 0.0
     doc = json.loads(JsonFormatter().format(record))
     assert doc == {
         "ts": "1970-01-01T00:00:00.000+00:00",
         "level": "INFO",
-        "logger": "stream_fm.worker",
+        "logger": "stream_fm.stream.worker",
         "message": "hello you",
     }

@@ -12,7 +12,7 @@ import pytest
 from stream_fm import ConfigError, DeltaError
 from stream_fm.cluster import delta as wire
 from stream_fm.cluster.delta import ALLOWED_DTYPES, Assembler, Delta, _payload, decode_payload, encode
-from stream_fm.keyindex import decode_keys, encode_keys
+from stream_fm.model.keyindex import decode_keys, encode_keys
 
 KEYS = ["ad=a17", "user=ü42", "tags=☃", "lone=\udcff", "", "x" * 300]
 

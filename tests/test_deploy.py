@@ -20,8 +20,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from stream_fm import cli
-from stream_fm.config import load
+from stream_fm.ops import cli
+from stream_fm.ops.config import load
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"

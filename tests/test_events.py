@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stream_fm.events import REASONS, BadEvent, Click, Impression, Sample, decode
+from stream_fm.stream.events import REASONS, BadEvent, Click, Impression, Sample, decode
 
 
 def test_the_three_event_types():

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from helpers import categorical_stream
 
-from stream_fm import FeatureError, SparseFM, fastpath
-from stream_fm.features import check, encode_batch, keys_of
+from stream_fm import FeatureError, SparseFM
+from stream_fm.model import fastpath
+from stream_fm.model.features import check, encode_batch, keys_of
 
 
 class Label(str):

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from stream_fm.join import Joiner, Joins
+from stream_fm.stream.join import Joiner, Joins
 
 
 def labels(samples) -> list[tuple[bool, str]]:
@@ -164,8 +164,8 @@ def test_forgetting_closed_ids_is_what_looking_every_time_gives(max_pending):
 
 def test_the_oldest_offset_the_join_holds_is_tracked_in_amortised_constant_time():
     """A cluster member re-reads a moved partition from the oldest impression its join holds
-    (stream_fm.samples.oldest_held); checked here against every held id's offset."""
-    from stream_fm.samples import oldest_held
+    (stream_fm.stream.samples.oldest_held); checked here against every held id's offset."""
+    from stream_fm.stream.samples import oldest_held
 
     events = random_events(4000, seed=9)
     j = Joiner(attribution_window=30, allowed_lateness=5, max_pending=15)

@@ -15,14 +15,15 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 
-from stream_fm import kernelcache
+from stream_fm.ops import kernelcache
 
 pytestmark = pytest.mark.slow
 
 WORKER = textwrap.dedent(
     """
     import json, sys
-    from stream_fm import cli, kernelcache, serving
+    from stream_fm.ops import cli, kernelcache
+    from stream_fm.serve import serving
     root = sys.argv[1]
     assert cli.main(["run", "--snapshot-dir", root, "--no-metrics", "--demo-rate", "0",
                      "--demo-limit", "20000", "--log-level", "WARNING"]) == 0
@@ -45,11 +46,11 @@ def test_a_worker_on_a_warmed_cache_compiles_nothing(tmp_path: Path) -> None:
     base["PYTHONPATH"] = str(REPO)
     built = tmp_path / "kernels"  # what an image build fills
     line = _run(
-        [sys.executable, "-m", "stream_fm.cli", "warmup"], {**base, "NUMBA_CACHE_DIR": str(built)}
+        [sys.executable, "-m", "stream_fm", "warmup"], {**base, "NUMBA_CACHE_DIR": str(built)}
     ).strip()
     assert "0 loaded from the cache" in line and " 0 compiled" not in line, line
     check = subprocess.run(
-        [sys.executable, "-m", "stream_fm.cli", "warmup", "--check"],
+        [sys.executable, "-m", "stream_fm", "warmup", "--check"],
         env={**base, "NUMBA_CACHE_DIR": str(built)}, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert check.returncode == 0 and " 0 compiled" in check.stdout, check.stdout + check.stderr

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from stream_fm.keyindex import KeyIndex, add_keys, decode_keys, encode_keys, pack_keys
+from stream_fm.model.keyindex import KeyIndex, add_keys, decode_keys, encode_keys, pack_keys
 
 
 def lookup(index: KeyIndex, keys: list[str]) -> list[int]:

@@ -14,10 +14,10 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import stream_fm
-from stream_fm.events import REASONS
-from stream_fm.metrics import MetricsServer, registry_for
-from stream_fm.sources import DemoSource, FileSource
-from stream_fm.worker import Worker, WorkerConfig
+from stream_fm.ops.metrics import MetricsServer, registry_for
+from stream_fm.stream.events import REASONS
+from stream_fm.stream.sources import DemoSource, FileSource
+from stream_fm.stream.worker import Worker, WorkerConfig
 
 # name (without _total for counters) -> (type, label names)
 SERIES = {

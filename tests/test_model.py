@@ -11,8 +11,9 @@ import pytest
 from helpers import categorical_stream, state_equal
 from river import facto, linear_model, metrics, optim
 
-from stream_fm import ConfigError, FeatureError, LabelError, SparseFM, fastpath
-from stream_fm._kernels import B_LIN_MEAN, B_PAIR_MEAN, B_W0_REPORT
+from stream_fm import ConfigError, FeatureError, LabelError, SparseFM
+from stream_fm.model import fastpath
+from stream_fm.model._kernels import B_LIN_MEAN, B_PAIR_MEAN, B_W0_REPORT
 
 # ---------------------------------------------------------------- helpers: a plain FM, written out
 

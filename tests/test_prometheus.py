@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stream_fm.metrics import MetricsServer
-from stream_fm.sources import DemoSource
-from stream_fm.worker import Worker, WorkerConfig
+from stream_fm.ops.metrics import MetricsServer
+from stream_fm.stream.sources import DemoSource
+from stream_fm.stream.worker import Worker, WorkerConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

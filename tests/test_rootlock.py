@@ -15,13 +15,15 @@ from pathlib import Path
 import pytest
 from helpers import REPO, stream_fm_process
 
-from stream_fm import RootLockedError, SparseFM, rootlock, serving, snapshot
-from stream_fm.snapshot_writer import SnapshotWriter
+from stream_fm import RootLockedError, SparseFM
+from stream_fm.serve import serving
+from stream_fm.snapshots import rootlock, snapshot
+from stream_fm.snapshots.snapshot_writer import SnapshotWriter
 
 HOLDER = textwrap.dedent(
     """
     import sys, time
-    from stream_fm.rootlock import RootLock
+    from stream_fm.snapshots.rootlock import RootLock
     RootLock(sys.argv[1]).acquire()
     print("locked", flush=True)
     time.sleep(600)

@@ -12,7 +12,7 @@ from stream_fm import ConfigError, SparseFM
 from stream_fm.cluster.delta import Assembler, Delta, encode
 from stream_fm.cluster.rounds import SAMPLE_ARRAYS, fold_round, pack_round
 from stream_fm.errors import DeltaError
-from stream_fm.features import keys_of
+from stream_fm.model.features import keys_of
 
 
 def _split(stream, parts: int):

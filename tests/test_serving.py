@@ -16,8 +16,12 @@ import numpy as np
 import pytest
 from helpers import categorical_stream
 
-from stream_fm import FeatureError, SparseFM, _kernels, cli, serving, snapshot
-from stream_fm.server import PredictServer
+from stream_fm import FeatureError, SparseFM
+from stream_fm.model import _kernels
+from stream_fm.ops import cli
+from stream_fm.serve import serving
+from stream_fm.serve.server import PredictServer
+from stream_fm.snapshots import snapshot
 
 PARAMS = [{}, {"optimizer": "sgd"}, {"hash_bits": 8}, {"max_features": 30}]
 
@@ -181,7 +185,16 @@ def test_stream_fm_serve_command(tmp_path):
     snapshot.write(tmp_path, model)
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stream_fm.cli", "serve", "--snapshots", str(tmp_path), "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "stream_fm",
+            "serve",
+            "--snapshots",
+            str(tmp_path),
+            "--port",
+            str(port),
+        ],
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
         stderr=subprocess.PIPE,
         text=True,

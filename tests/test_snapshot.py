@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 from helpers import categorical_stream, state_equal
 
-from stream_fm import SnapshotError, SparseFM, rootlock, serving, snapshot
-from stream_fm.snapshot_writer import SnapshotWriter
+from stream_fm import SnapshotError, SparseFM
+from stream_fm.serve import serving
+from stream_fm.snapshots import rootlock, snapshot
+from stream_fm.snapshots.snapshot_writer import SnapshotWriter
 
 MODES = [
     {},
@@ -150,7 +152,7 @@ def test_damage_to_any_file_is_detected_and_the_previous_snapshot_is_used(tmp_pa
         assert bad.name in str(info.value)
         # the root falls back past every damaged snapshot to the last good one, and says so
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="stream_fm.snapshot"):
+        with caplog.at_level(logging.WARNING, logger="stream_fm.snapshots.snapshot"):
             predictor = serving.load(tmp_path)
         assert predictor.name != bad.name
         assert bad.name in caplog.text
@@ -269,7 +271,8 @@ def test_retention_keeps_exactly_n_and_never_the_latest_or_one_being_read(tmp_pa
 READER = textwrap.dedent(
     """
     import json, sys, time
-    from stream_fm import serving, SnapshotError
+    from stream_fm import SnapshotError
+    from stream_fm.serve import serving
     root, deadline = sys.argv[1], time.time() + float(sys.argv[2])
     probe = json.loads(sys.argv[3])
     seen = set()
@@ -385,7 +388,8 @@ def test_capture_is_consistent_while_the_model_keeps_learning(tmp_path):
 WRITER = textwrap.dedent(
     """
     import sys
-    from stream_fm import SparseFM, snapshot
+    from stream_fm import SparseFM
+    from stream_fm.snapshots import snapshot
     model = SparseFM(seed=1)
     i = 0
     while True:

@@ -1,4 +1,4 @@
-"""The update rules (stream_fm/updates.py): the normalized optimizer's invariances, the per-sample
+"""The update rules (stream_fm/model/updates.py): the normalized optimizer's invariances, the per-sample
 contract under it, and the migration of states written before it."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 from helpers import assert_batch_equals_loop, categorical_stream, state_equal
 
 from stream_fm import ConfigError, SparseFM
-from stream_fm.updates import COL_SCALE
+from stream_fm.model.updates import COL_SCALE
 
 
 def _scaled(stream: list[tuple[dict, bool]], factor: float) -> list[tuple[dict, bool]]:

@@ -12,10 +12,12 @@ import orjson
 import pytest
 from helpers import stream_fm_process
 
-from stream_fm import ConfigError, SparseFM, cli, snapshot
-from stream_fm.demo import DemoStream
-from stream_fm.sources import FileSource
-from stream_fm.worker import Stats, Worker, WorkerConfig
+from stream_fm import ConfigError, SparseFM
+from stream_fm.ops import cli
+from stream_fm.snapshots import snapshot
+from stream_fm.stream.demo import DemoStream
+from stream_fm.stream.sources import FileSource
+from stream_fm.stream.worker import Stats, Worker, WorkerConfig
 
 BAD_LINES = [
     b"{oops",
@@ -212,7 +214,7 @@ def _as_state_format(path: Path, version: int) -> None:
 def test_a_snapshot_of_a_previous_release_is_served_refused_with_new_defaults_and_continued(
     tmp_path, version, settings, refused
 ):
-    from stream_fm import serving
+    from stream_fm.serve import serving
 
     events = tmp_path / "events.jsonl"
     write_events(events, 1500)
@@ -256,7 +258,7 @@ def test_a_snapshot_with_the_previous_join_state_continues_as_if_never_stopped(t
     import hashlib
     import json
 
-    from stream_fm.join import Joins
+    from stream_fm.stream.join import Joins
 
     part, whole = tmp_path / "part.jsonl", tmp_path / "whole.jsonl"
     write_events(part, 2000)

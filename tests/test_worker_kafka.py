@@ -26,7 +26,7 @@ from helpers import stream_fm_process
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient
 
-from stream_fm import snapshot
+from stream_fm.snapshots import snapshot
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -431,7 +431,7 @@ def test_a_held_partition_stops_and_a_released_one_goes_on_where_it_stopped(kafk
     fetching it (the others go on) and, released, reads it on from the last record handed over,
     nothing skipped or repeated. (kafka-python 3.0 alone would never fetch it again.) A pause and
     a resume of the whole source, after it, do the same."""
-    from stream_fm.sources import KafkaSource
+    from stream_fm.stream.sources import KafkaSource
 
     topic = topic_factory(partitions=3)
     produce(kafka.bootstrap, topic, make_stream(30_000, 5).messages)

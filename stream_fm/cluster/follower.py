@@ -6,8 +6,8 @@ sync topic's genesis with a new model of the cluster's settings), then reads the
 member does and folds every round once all partitions' samples for it are in, in partition order
 (:func:`stream_fm.cluster.rounds.fold_round`). It owns no partition and publishes nothing. Every
 ``interval`` seconds in which a round was folded, the model becomes a new
-:class:`~stream_fm.serving.Predictor` (one attribute, swapped atomically, as the snapshot
-:class:`~stream_fm.serving.Watcher` does), named after its snapshot and the rounds folded since:
+:class:`~stream_fm.serve.serving.Predictor` (one attribute, swapped atomically, as the snapshot
+:class:`~stream_fm.serve.serving.Watcher` does), named after its snapshot and the rounds folded since:
 ``snap-0000000007-20261130T080000Z+12``. The model it serves after folding round r is the one
 every member holds after round r, bit for bit.
 
@@ -22,12 +22,12 @@ import logging
 import time
 from pathlib import Path
 
-from stream_fm import snapshot
 from stream_fm.cluster import rounds
 from stream_fm.cluster.ledger import Ledger, cluster_state
 from stream_fm.cluster.sync import SyncLog
 from stream_fm.model import SparseFM
-from stream_fm.serving import Predictor, Refreshed
+from stream_fm.serve.serving import Predictor, Refreshed
+from stream_fm.snapshots import snapshot
 
 __all__ = ["Follower"]
 

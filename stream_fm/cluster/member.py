@@ -41,17 +41,17 @@ from typing import Any
 
 import numpy as np
 
-from stream_fm import snapshot
 from stream_fm.cluster import rounds
 from stream_fm.cluster.delta import Delta
 from stream_fm.cluster.ledger import Ledger, cluster_state
 from stream_fm.cluster.status import ClusterCounters
 from stream_fm.cluster.sync import SyncLog
-from stream_fm.deadletters import DeadLetters
-from stream_fm.join import Joiner, JoinView
-from stream_fm.samples import join_values, oldest_held
-from stream_fm.sources import KafkaSource, Record
-from stream_fm.worker import Worker, WorkerConfig
+from stream_fm.snapshots import snapshot
+from stream_fm.stream.deadletters import DeadLetters
+from stream_fm.stream.join import Joiner, JoinView
+from stream_fm.stream.samples import join_values, oldest_held
+from stream_fm.stream.sources import KafkaSource, Record
+from stream_fm.stream.worker import Worker, WorkerConfig
 
 __all__ = ["PUBLISH_AHEAD", "READ_AHEAD", "ClusterConfig", "Member"]
 

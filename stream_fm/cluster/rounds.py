@@ -28,11 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from stream_fm import checks
 from stream_fm.cluster.delta import Delta
 from stream_fm.errors import ConfigError, DeltaError
-from stream_fm.features import encode_batch
-from stream_fm.model import SparseFM
+from stream_fm.model import SparseFM, checks
+from stream_fm.model.features import encode_batch
 
 __all__ = ["SAMPLE_ARRAYS", "check_model", "fold_round", "pack_round"]
 

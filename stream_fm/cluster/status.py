@@ -1,5 +1,6 @@
 """What a cluster member reports of its rounds, as plain values set on the member's thread and read
-by the metrics layer's (:mod:`stream_fm.metrics`); its joins' are a :class:`~stream_fm.join.JoinView`."""
+by the metrics layer's (:mod:`stream_fm.ops.metrics`); its joins' are a
+:class:`~stream_fm.stream.join.JoinView`."""
 
 from __future__ import annotations
 

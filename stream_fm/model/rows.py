@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from stream_fm import _kernels, fastpath, updates
-from stream_fm.features import encode_batch
-from stream_fm.keyindex import KeyIndex, keys_at, pack_keys
+from stream_fm.model import _kernels, fastpath, updates
+from stream_fm.model.features import encode_batch
+from stream_fm.model.keyindex import KeyIndex, keys_at, pack_keys
 
 __all__ = ["UNTOUCHED", "Encoded", "Rows", "encode_rows", "grown"]
 

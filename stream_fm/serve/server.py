@@ -5,7 +5,7 @@
 - ``GET /healthz`` -> 200 while the process runs; ``GET /readyz`` -> 200 once a snapshot is loaded
 
 Bad requests get a 4xx status and a JSON ``{"error": ...}``; no request can stop the server.
-Snapshots are hot-reloaded by a :class:`~stream_fm.serving.Watcher`; with a cluster's sync topic,
+Snapshots are hot-reloaded by a :class:`~stream_fm.serve.serving.Watcher`; with a cluster's sync topic,
 a :class:`~stream_fm.cluster.follower.Follower` folds the rounds completed since the snapshot
 instead (predictions seconds old, not a snapshot interval old).
 """
@@ -25,7 +25,7 @@ import orjson
 from stream_fm.cluster.follower import Follower
 from stream_fm.cluster.sync import SyncLog
 from stream_fm.errors import FeatureError
-from stream_fm.serving import Watcher
+from stream_fm.serve.serving import Watcher
 
 __all__ = ["MAX_BODY_BYTES", "PredictServer", "run"]
 

@@ -19,7 +19,7 @@ import orjson
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
-from stream_fm.sources import Record
+from stream_fm.stream.sources import Record
 
 __all__ = ["DeadLetters", "FileDeadLetters", "KafkaDeadLetters"]
 

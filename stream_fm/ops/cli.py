@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from stream_fm import __version__, logs
+from stream_fm import __version__
 from stream_fm.errors import ConfigError, RootLockedError, StreamFMError
+from stream_fm.ops import logs
 
 __all__ = ["main"]
 
@@ -128,7 +129,7 @@ def _command(sub: Any, name: str, help_: str, description: str, examples: str) -
 
 def _config_flags(p: argparse.ArgumentParser) -> None:
     """A flag per setting that has one; each defaults to "not given" so that precedence works."""
-    from stream_fm.config import SETTINGS, _show
+    from stream_fm.ops.config import SETTINGS, _show
 
     p.add_argument("--config", type=Path, metavar="FILE", help="a TOML file of settings (see the README)")
     for s in SETTINGS:
@@ -171,11 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "inspect":
             return _inspect(args.path, args.top)
         if args.command == "warmup":
-            from stream_fm import kernelcache
+            from stream_fm.ops import kernelcache
 
             return kernelcache.main(args.check)
         if args.command == "serve":
-            from stream_fm import server
+            from stream_fm.serve import server
 
             server.run(args.snapshots, args.host, args.port, args.reload_interval, _follow(args))
             return EXIT_OK
@@ -192,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _load_config(args: argparse.Namespace) -> Any:
-    from stream_fm.config import SETTINGS, load
+    from stream_fm.ops.config import SETTINGS, load
 
     keys = {s.key for s in SETTINGS}
     flags = {k: v for k, v in vars(args).items() if k in keys}
@@ -203,8 +204,8 @@ def _run(args: argparse.Namespace, config: Any) -> int:
     import signal
     import threading
 
-    from stream_fm import deadletters, sources
-    from stream_fm.worker import Worker, WorkerConfig
+    from stream_fm.stream import deadletters, sources
+    from stream_fm.stream.worker import Worker, WorkerConfig
 
     log = logging.getLogger("stream_fm")
     c = config
@@ -260,7 +261,7 @@ def _run(args: argparse.Namespace, config: Any) -> int:
     log.info("stream-fm %s: %s -> %s", __version__, source.name, c.snapshot.dir)
     exporter = None
     if c.metrics.enabled:
-        from stream_fm.metrics import MetricsServer
+        from stream_fm.ops.metrics import MetricsServer
 
         try:
             exporter = MetricsServer(worker, c.metrics.host, c.metrics.port).start()
@@ -292,8 +293,8 @@ def _member(args: argparse.Namespace, c: Any, source: Any, worker_config: Any, d
 
 def _follow(args: argparse.Namespace) -> Any:
     """The sync topic (a ``SyncLog``) ``stream-fm serve`` follows, if it was given one."""
-    from stream_fm import config
     from stream_fm.cluster.sync import SyncLog
+    from stream_fm.ops import config
 
     if args.sync_topic is None:
         return None
@@ -309,8 +310,8 @@ def _produce(args: argparse.Namespace) -> int:
     import orjson
     from kafka import KafkaProducer
 
-    from stream_fm.demo import DemoStream
-    from stream_fm.progress import Bar
+    from stream_fm.ops.progress import Bar
+    from stream_fm.stream.demo import DemoStream
 
     producer = KafkaProducer(bootstrap_servers=args.bootstrap_servers, acks="all", linger_ms=20)
     n = 0
@@ -344,7 +345,7 @@ def _produce(args: argparse.Namespace) -> int:
 
 
 def _inspect(path: Path, top: int) -> int:
-    from stream_fm import snapshot
+    from stream_fm.snapshots import snapshot
 
     if (path / snapshot.MANIFEST).exists():
         names, root = [path.name], path.parent
@@ -371,9 +372,9 @@ def _inspect(path: Path, top: int) -> int:
 
 
 def _summary(snap, top: int) -> None:
-    from stream_fm import _kernels
-    from stream_fm.keyindex import decode_keys
-    from stream_fm.state import upgrade_bias
+    from stream_fm.model import _kernels
+    from stream_fm.model.keyindex import decode_keys
+    from stream_fm.model.state import upgrade_bias
 
     m = snap.manifest
     size = sum(f["size"] for f in m["files"].values())

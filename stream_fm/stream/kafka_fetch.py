@@ -46,7 +46,7 @@ from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, To
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from stream_fm import logs
+from stream_fm.ops import logs
 
 __all__ = ["PREFETCH", "main"]
 

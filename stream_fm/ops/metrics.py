@@ -37,9 +37,10 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from stream_fm import __version__, snapshot
-from stream_fm.events import REASONS
-from stream_fm.worker import Worker
+from stream_fm import __version__
+from stream_fm.snapshots import snapshot
+from stream_fm.stream.events import REASONS
+from stream_fm.stream.worker import Worker
 
 __all__ = ["DEFAULT_PORT", "MetricsServer", "WorkerCollector", "registry_for"]
 

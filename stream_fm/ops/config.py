@@ -23,7 +23,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from stream_fm.errors import ConfigError
-from stream_fm.settings import ENV_PREFIX, SETTINGS, Setting
+from stream_fm.ops.settings import ENV_PREFIX, SETTINGS, Setting
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -18,8 +18,8 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from stream_fm import logs
-from stream_fm.demo import DemoStream
+from stream_fm.ops import logs
+from stream_fm.stream.demo import DemoStream
 
 __all__ = ["Batch", "DemoSource", "FileSource", "KafkaSource", "Positions", "Record", "Source"]
 
@@ -144,7 +144,7 @@ class FileSource(Source):
 
 
 class DemoSource(Source):
-    """The built-in demo stream (:mod:`stream_fm.demo`), optionally paced to ``rate`` events/s and
+    """The built-in demo stream (:mod:`stream_fm.stream.demo`), optionally paced to ``rate`` events/s and
     stopped after ``limit`` events."""
 
     def __init__(self, seed: int = 0, rate: float | None = 2000.0, limit: int | None = None) -> None:
@@ -212,7 +212,7 @@ class DemoSource(Source):
 class KafkaSource(Source):
     """A Kafka consumer group member, offsets managed by the worker (no auto-commit).
 
-    The kafka-python consumer runs in a child process (:mod:`stream_fm.kafka_fetch`), a batch
+    The kafka-python consumer runs in a child process (:mod:`stream_fm.stream.kafka_fetch`), a batch
     ahead, so that its record parsing uses another core. ``client_config`` passes straight to
     ``KafkaConsumer`` (security: ``security_protocol``, ``sasl_mechanism``, ``ssl_cafile``, ...;
     ``group_instance_id``). If the broker cannot be reached, the consumer is retried with
@@ -253,7 +253,7 @@ class KafkaSource(Source):
         self._spawn()
 
     def _spawn(self) -> None:
-        from stream_fm import kafka_fetch
+        from stream_fm.stream import kafka_fetch
 
         context = multiprocessing.get_context("spawn")  # no fork of a process with threads
         self._conn, child_end = context.Pipe()

@@ -24,11 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from stream_fm import _encode, _kernels, fastpath, snapshot
+from stream_fm import _encode
 from stream_fm.errors import SnapshotError
-from stream_fm.keyindex import KeyIndex
-from stream_fm.model import SparseFM, encode_rows
-from stream_fm.state import READABLE_FORMATS, upgrade_bias
+from stream_fm.model import SparseFM, _kernels, encode_rows, fastpath
+from stream_fm.model.keyindex import KeyIndex
+from stream_fm.model.state import READABLE_FORMATS, upgrade_bias
+from stream_fm.snapshots import snapshot
 
 __all__ = ["Predictor", "Refreshed", "Watcher", "load"]
 

@@ -16,7 +16,7 @@ theta <- theta - lr * dL/dtheta with dL/dy_hat = -y (1 - sigma(y y_hat)).
 What a prediction reports is the *calibrated* score
 ``c_0 * w0_r + (m_lin + c_lin * (lin - m_lin)) + (m_pair + c_pair * (pair - m_pair)) + c_off``
 where ``lin`` and ``pair`` are the linear and pairwise sums above: four numbers learned on top of
-the model (see :mod:`stream_fm.updates`); they are 1, 1, 1 and 0 (the plain y_hat, bit for bit)
+the model (see :mod:`stream_fm.model.updates`); they are 1, 1, 1 and 0 (the plain y_hat, bit for bit)
 when calibration is off. ``w0_r`` is w0, or its average over the samples learned (the t-th
 weighing t; ``average_intercept``); ``m_lin`` and ``m_pair`` are the parts' running means
 (``center``), or 0.

@@ -2,14 +2,15 @@
 
 Two workers on one ``--snapshot-dir`` would interleave their snapshots, and ``LATEST`` would flip
 between two different models that a serving layer hot-reloads in turn. So every writer (the
-worker, ``replay``, :func:`stream_fm.snapshot.write`, :class:`stream_fm.snapshot_writer.SnapshotWriter`)
-takes ``ROOT/.writer.lock`` first, and a second process is refused with :class:`RootLockedError`
-naming the holder (pid, host, command, since when).
+worker, ``replay``, :func:`stream_fm.snapshots.snapshot.write`,
+:class:`stream_fm.snapshots.snapshot_writer.SnapshotWriter`) takes ``ROOT/.writer.lock`` first,
+and a second process is refused with :class:`RootLockedError` naming the holder (pid, host,
+command, since when).
 
 The lock is a ``flock`` on that file: the kernel drops it when the holder's process ends, however
 it ends, so a lock left by a ``kill -9`` never blocks a restart, and the file itself is never
 deleted (deleting a lock file races with the next taker). Readers (``serve``, ``inspect``,
-:func:`stream_fm.serving.load`) never take it. Within one process the lock is shared: a process
+:func:`stream_fm.serve.serving.load`) never take it. Within one process the lock is shared: a process
 that holds it may write through any number of writers (they take turns on its one thread of
 control, which is the caller's business). ``flock`` works on local filesystems and on NFS (Linux
 emulates it with NFS byte-range locks).

@@ -27,16 +27,16 @@ from typing import Any
 import numpy as np
 import orjson
 
-from stream_fm import snapshot
-from stream_fm.deadletters import DeadLetters
 from stream_fm.errors import ConfigError, FeatureError, SnapshotError
-from stream_fm.join import Joins, JoinView
 from stream_fm.model import SparseFM
-from stream_fm.progress import Bar
-from stream_fm.quality import RollingQuality
-from stream_fm.samples import join_values
-from stream_fm.snapshot_writer import SnapshotWriter
-from stream_fm.sources import Batch, Positions, Record, Source
+from stream_fm.ops.progress import Bar
+from stream_fm.ops.quality import RollingQuality
+from stream_fm.snapshots import snapshot
+from stream_fm.snapshots.snapshot_writer import SnapshotWriter
+from stream_fm.stream.deadletters import DeadLetters
+from stream_fm.stream.join import Joins, JoinView
+from stream_fm.stream.samples import join_values
+from stream_fm.stream.sources import Batch, Positions, Record, Source
 
 __all__ = ["Worker", "WorkerConfig"]
 

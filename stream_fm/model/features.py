@@ -33,7 +33,7 @@ import numpy as np
 
 from stream_fm import _encode
 from stream_fm.errors import FeatureError
-from stream_fm.keyindex import keys_at
+from stream_fm.model.keyindex import keys_at
 
 __all__ = ["ALLOWED", "Packed", "check", "encode_batch", "keys_of"]
 

@@ -1,7 +1,7 @@
 """SparseFM: an online degree-2 factorization machine for click-through rate, keyed by feature.
 
 Parameters live in growable numpy slabs (``w``, ``V`` and the optimizer's state), one row per
-feature; a :class:`~stream_fm.keyindex.KeyIndex` maps each feature key (``"ad=a17"``) to its row.
+feature; a :class:`~stream_fm.model.keyindex.KeyIndex` maps each feature key (``"ad=a17"``) to its row.
 Samples are encoded in C (``_encode.c``); the Python side manages rows; the arithmetic runs in
 compiled kernels (``_kernels.py``). One sample at a time goes from the C encoder to the kernels
 directly (``fastpath.py``): no Python call in between.
@@ -20,12 +20,13 @@ from typing import Any
 import numpy as np
 from river import base
 
-from stream_fm import _encode, _kernels, checks, fastpath, updates
+from stream_fm import _encode
 from stream_fm.errors import ConfigError
-from stream_fm.features import encode_batch
-from stream_fm.keyindex import KeyIndex, encode_keys
-from stream_fm.rows import Encoded, Rows, encode_rows
-from stream_fm.state import StateCapture, StateIO
+from stream_fm.model import _kernels, checks, fastpath, updates
+from stream_fm.model.features import encode_batch
+from stream_fm.model.keyindex import KeyIndex, encode_keys
+from stream_fm.model.rows import Encoded, Rows, encode_rows
+from stream_fm.model.state import StateCapture, StateIO
 
 __all__ = ["SparseFM", "StateCapture", "encode_rows"]
 
@@ -50,7 +51,7 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
     optimizer
         ``"normalized"`` (the default: AdaGrad invariant to the unit of each numeric feature and
         to the number of features per sample, with accumulators that start at
-        ``initial_accumulator`` and a bias of its own rate; see :mod:`stream_fm.updates`),
+        ``initial_accumulator`` and a bias of its own rate; see :mod:`stream_fm.model.updates`),
         ``"adagrad"`` (a per-parameter rate ``learning_rate / sqrt(sum g^2)``) or ``"sgd"`` (a
         constant rate: the reference's algorithm).
     learning_rate
@@ -67,7 +68,7 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
         ``learning_rate * g / sqrt(initial_accumulator + g^2)``, measured rather than full.
     calibrate
         Report ``sigma(c_0 * w0 + c_lin * linear part + c_pair * pairwise part + c_off)``, the
-        four numbers fitted online to the reports (see :mod:`stream_fm.updates`). None: on with
+        four numbers fitted online to the reports (see :mod:`stream_fm.model.updates`). None: on with
         ``"normalized"``, off with the others (whose reports are then the textbook sigma(y_hat)).
     center
         The normalized optimizer learns each feature's weight as if the feature were centred on
@@ -114,7 +115,7 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
 
     A model is meant for one thread: learning while another thread predicts gives no guarantee
     about the numbers (the arrays it reads never go away under it, though). To share a model
-    between threads, share a :class:`~stream_fm.serving.Predictor` of its snapshot.
+    between threads, share a :class:`~stream_fm.serve.serving.Predictor` of its snapshot.
 
     Examples
     --------

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from stream_fm.errors import SnapshotError
-from stream_fm.rootlock import RootLock
+from stream_fm.snapshots.rootlock import RootLock
 
 __all__ = [
     "LATEST",
@@ -28,7 +28,7 @@ __all__ = [
     "prune_locked",
 ]
 
-log = logging.getLogger("stream_fm.snapshot")
+log = logging.getLogger("stream_fm.snapshots.snapshot")
 
 MANIFEST = "manifest.json"
 LATEST = "LATEST"

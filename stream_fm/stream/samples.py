@@ -1,5 +1,5 @@
 """A partition's records turned into labelled samples: each record decoded (bad ones handed to a
-callback, for the dead letters), impressions and clicks joined (:class:`~stream_fm.join.Joiner`).
+callback, for the dead letters), impressions and clicks joined (:class:`~stream_fm.stream.join.Joiner`).
 The single worker and cluster members share it; a member also tracks the oldest record its join
 still needs (:func:`oldest_held`), where whoever owns the partition next re-reads from."""
 
@@ -10,8 +10,8 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from stream_fm.events import BadEvent, Click, Impression, decode
-from stream_fm.join import Joiner
+from stream_fm.stream.events import BadEvent, Click, Impression, decode
+from stream_fm.stream.join import Joiner
 
 __all__ = ["join_values", "oldest_held"]
 

@@ -2,7 +2,7 @@
 
 The table is the single source of the TOML keys, the environment variables
 (``STREAM_FM_<SECTION>_<NAME>``), the flags of ``stream-fm run``/``replay`` and the README's
-configuration reference; :mod:`stream_fm.config` loads and checks values against it.
+configuration reference; :mod:`stream_fm.ops.config` loads and checks values against it.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from stream_fm import _kernels
 from stream_fm.errors import ConfigError
-from stream_fm.keyindex import KeyIndex, decode_keys, encode_keys, gather_keys
+from stream_fm.model import _kernels
+from stream_fm.model.keyindex import KeyIndex, decode_keys, encode_keys, gather_keys
 
 __all__ = ["STATE_FORMAT", "StateCapture", "StateIO", "upgrade_bias"]
 

@@ -58,7 +58,7 @@ import math
 import numba as nb
 import numpy as np
 
-from stream_fm._kernels import (
+from stream_fm.model._kernels import (
     B_GAIN0,
     B_LIN_MEAN,
     B_P,

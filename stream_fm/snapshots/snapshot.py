@@ -11,17 +11,17 @@ complete one::
         model.w.npy  model.V.npy  ...          the model's arrays (numpy .npy, no pickle)
         extra.<name>.npy                       arrays the caller added (the worker's join state)
 
-One process writes to a root at a time: writers hold its lock (:mod:`stream_fm.rootlock`), and a
+One process writes to a root at a time: writers hold its lock (:mod:`stream_fm.snapshots.rootlock`), and a
 second writing process gets :class:`~stream_fm.errors.RootLockedError`. Readers need no lock.
 
 Publishing is atomic: files are written into a temporary directory in the same root and fsynced,
 the directory is renamed into place and fsynced, then ``LATEST`` is replaced by rename. A crash or
 a full disk at any instant leaves the previous snapshot and ``LATEST`` as they were.
 
-:func:`write` publishes one snapshot synchronously (:class:`stream_fm.snapshot_writer.SnapshotWriter`
-is the worker's periodic writer); :func:`read` verifies and loads one, and :func:`read_newest`
-finds the newest valid one in a root (whose names, listing and retention are
-:mod:`stream_fm.snapshot_root`'s).
+:func:`write` publishes one snapshot synchronously
+(:class:`stream_fm.snapshots.snapshot_writer.SnapshotWriter` is the worker's periodic writer);
+:func:`read` verifies and loads one, and :func:`read_newest` finds the newest valid one in a root
+(whose names, listing and retention are :mod:`stream_fm.snapshots.snapshot_root`'s).
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ import numpy as np
 
 from stream_fm.errors import SnapshotError
 from stream_fm.model import SparseFM, StateCapture
-from stream_fm.rootlock import RootLock
-from stream_fm.snapshot_root import (
+from stream_fm.snapshots.rootlock import RootLock
+from stream_fm.snapshots.snapshot_root import (
     LATEST,
     MANIFEST,
     TMP_PREFIX,

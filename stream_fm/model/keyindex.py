@@ -12,7 +12,7 @@ them back to back plus offsets (:func:`encode_keys`), so a snapshot's keys load 
 string each.
 
 Compiled callers that are not handed the arrays one by one (the per-sample kernels of
-:mod:`stream_fm.fastpath`) find them through ``KeyIndex.pointers``: their addresses and sizes, kept
+:mod:`stream_fm.model.fastpath`) find them through ``KeyIndex.pointers``: their addresses and sizes, kept
 current by every method that replaces an array.
 """
 
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from stream_fm._keyindex_kernels import (
+from stream_fm.model._keyindex_kernels import (
     EMPTY,
     add_keys,
     compact,

@@ -10,7 +10,7 @@ sizes (``M_*`` below) that the owner rewrites whenever it replaces an array (:fu
 and that holds the address of the key index's own table (``KeyIndex.pointers``). The arrays are
 owned by Python objects as usual; the tables only point at them.
 
-The same kernels serve :class:`~stream_fm.SparseFM` and :class:`~stream_fm.serving.Predictor`.
+The same kernels serve :class:`~stream_fm.SparseFM` and :class:`~stream_fm.serve.serving.Predictor`.
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from stream_fm import _encode, _kernels, features, updates
-from stream_fm._kernels import BIAS_SIZE
-from stream_fm._keyindex_kernels import add_keys, find, hash_key
+from stream_fm import _encode
 from stream_fm.errors import FeatureError
-from stream_fm.keyindex import (
+from stream_fm.model import _kernels, features, updates
+from stream_fm.model._kernels import BIAS_SIZE
+from stream_fm.model._keyindex_kernels import add_keys, find, hash_key
+from stream_fm.model.keyindex import (
     I_ARENA,
     I_ARENA_BYTES,
     I_LENGTH,
@@ -42,7 +43,7 @@ from stream_fm.keyindex import (
     I_TAG,
     KeyIndex,
 )
-from stream_fm.updates import HP_SIZE, HP_STD
+from stream_fm.model.updates import HP_SIZE, HP_STD
 
 __all__ = [
     "MODE_ADD",
@@ -180,7 +181,7 @@ def _array(address, shape, dtype):
 @nb.njit(cache=True, error_model="numpy")
 def add_rows(data, lengths, done, next_row, row_stop, out, salt, table, start, length, tag, arena, sizes,
               seed, std, w, V, gw, gV, last):  # fmt: skip
-    """:func:`~stream_fm._keyindex_kernels.add_keys`, then the new rows started afresh: one call for the
+    """:func:`~stream_fm.model._keyindex_kernels.add_keys`, then the new rows started afresh: one call for the
     two, as new keys arrive a few at a time."""
     first = next_row
     done, next_row = add_keys(

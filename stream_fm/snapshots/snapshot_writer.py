@@ -1,5 +1,5 @@
 """The worker's periodic snapshot writer: the state copied in memory on the caller's thread,
-written by :func:`stream_fm.snapshot.write`'s machinery on a background thread."""
+written by :func:`stream_fm.snapshots.snapshot.write`'s machinery on a background thread."""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ import numpy as np
 
 from stream_fm.errors import SnapshotError
 from stream_fm.model import SparseFM
-from stream_fm.rootlock import RootLock
-from stream_fm.snapshot import Capture, Extra
+from stream_fm.snapshots.rootlock import RootLock
+from stream_fm.snapshots.snapshot import Capture, Extra
 
 __all__ = ["SnapshotWriter"]
 
-log = logging.getLogger("stream_fm.snapshot")
+log = logging.getLogger("stream_fm.snapshots.snapshot")
 
 
 class SnapshotWriter:

@@ -1,7 +1,7 @@
 """Compiled kernels ahead of the first start: ``stream-fm warmup`` and a read-only kernel cache.
 
 numba compiles stream-fm's kernels the first time a process needs them and keeps the machine
-code in its on-disk cache (``NUMBA_CACHE_DIR``, else ``__pycache__`` beside the package): on an
+code in its on-disk cache (``NUMBA_CACHE_DIR``, else ``stream_fm/model/__pycache__``): on an
 empty cache ``import stream_fm`` takes about 8 s (the per-sample ``cfunc`` kernels compile at
 import) and the first ``learn_batch`` about 3 s more; with the cache warm, the import takes 0.5 s.
 
@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 
 SEED_VARIABLE = "STREAM_FM_KERNEL_CACHE"
 MARKER = "stream_fm.fingerprint"
-PACKAGE = os.path.dirname(os.path.abspath(__file__))
+PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # stream_fm/
+KERNELS = os.path.join(PACKAGE, "model")  # where every compiled kernel's module is
 
 
 def fingerprint(package: str = PACKAGE) -> str:
@@ -65,12 +66,12 @@ def _cache_dirs() -> list[str]:
         from numba.misc.appdirs import AppDirs
     except ImportError:  # another numba layout: nothing to guard
         return []
-    subpath = _CacheLocator.get_suitable_cache_subpath(os.path.join(PACKAGE, "model.py"))
+    subpath = _CacheLocator.get_suitable_cache_subpath(os.path.join(KERNELS, "fm.py"))
     if os.environ.get("NUMBA_CACHE_DIR"):
         return [os.path.join(os.environ["NUMBA_CACHE_DIR"], subpath)]
-    # numba's next choices: __pycache__ beside the package if it can write there, else the user's
-    in_tree = os.path.join(PACKAGE, "__pycache__")
-    if os.access(in_tree if os.path.isdir(in_tree) else PACKAGE, os.W_OK):
+    # numba's next choices: __pycache__ beside the kernels if it can write there, else the user's
+    in_tree = os.path.join(KERNELS, "__pycache__")
+    if os.access(in_tree if os.path.isdir(in_tree) else KERNELS, os.W_OK):
         return [in_tree]
     return [os.path.join(AppDirs(appname="numba", appauthor=False).user_cache_dir, subpath)]
 
@@ -142,8 +143,9 @@ def warm() -> None:
     serving layer's predictor."""
     import tempfile
 
-    from stream_fm import serving, snapshot
     from stream_fm.model import SparseFM
+    from stream_fm.serve import serving
+    from stream_fm.snapshots import snapshot
 
     samples = [
         {

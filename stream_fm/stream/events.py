@@ -5,7 +5,7 @@
     {"type": "sample", "label": 1, "features": {...}}              (labelled upstream; "ts" optional)
 
 ``ts`` is event time, Unix seconds (a JSON number). Feature values follow the model's rules
-(:mod:`stream_fm.features`). Other top-level fields are ignored (producers may add some).
+(:mod:`stream_fm.model.features`). Other top-level fields are ignored (producers may add some).
 Anything else is a :class:`BadEvent` with one of :data:`REASONS`.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 
 from stream_fm.errors import FeatureError, StreamFMError
-from stream_fm.features import check
+from stream_fm.model.features import check
 
 __all__ = ["REASONS", "BadEvent", "Click", "Impression", "Sample", "decode", "validate_features"]
 
@@ -91,7 +91,7 @@ def decode(value: bytes | None, max_bytes: int = 1 << 20) -> Event:
 def validate_features(features: Any) -> dict[str, Any]:
     """``features`` if the model can encode it, else :class:`BadEvent` naming the field.
 
-    The model's own encoder checks it (:func:`stream_fm.features.check`): the rules live in one place.
+    The model's own encoder checks it (:func:`stream_fm.model.features.check`): the rules live in one place.
     """
     if type(features) is not dict:
         raise BadEvent("schema", f'"features" must be an object, got {type(features).__name__}')

@@ -1,6 +1,6 @@
-"""The key index's compiled side (:mod:`stream_fm.keyindex`): hashing, probing, inserting,
+"""The key index's compiled side (:mod:`stream_fm.model.keyindex`): hashing, probing, inserting,
 removing and compacting keys held as UTF-8 bytes in an arena, found through an open-addressing
-table of row numbers. The per-sample kernels of :mod:`stream_fm.fastpath` inline ``hash_key`` and
+table of row numbers. The per-sample kernels of :mod:`stream_fm.model.fastpath` inline ``hash_key`` and
 ``find``."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from stream_fm._kernels import _splitmix64
+from stream_fm.model._kernels import _splitmix64
 
 EMPTY = -1  # a free slot of the table
 FNV_OFFSET = np.uint64(0xCBF29CE484222325)

@@ -1,0 +1,2 @@
+"""Running it: the command line, configuration, metrics, logging, rolling quality, progress and
+the compiled-kernel cache."""

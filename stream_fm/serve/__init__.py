@@ -1,0 +1,1 @@
+"""Serving: predictions from the newest snapshot, hot-reloaded, over HTTP."""
