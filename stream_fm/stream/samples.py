@@ -43,9 +43,13 @@ def join_values(
             continue
         if type(event) is Impression:
             n_imp += 1
-            if offset_of is not None and offsets is not None and not joiner.holds(event.id):
-                offset_of.pop(event.id, None)  # (an id the join forgot, arriving again: anew)
-                offset_of[event.id] = offsets[i]
+            if offset_of is not None and offsets is not None:
+                # every id the join holds is in offset_of (oldest_held drops only ids it does not)
+                if event.id not in offset_of:
+                    offset_of[event.id] = offsets[i]
+                elif not joiner.holds(event.id):  # an id the join forgot, arriving again: anew
+                    del offset_of[event.id]
+                    offset_of[event.id] = offsets[i]
             out = joiner.impression(event.id, event.ts, event.features)
         elif type(event) is Click:
             n_click += 1
