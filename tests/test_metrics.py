@@ -178,3 +178,21 @@ def test_health_and_readiness_endpoints(tmp_path):
         stop.set()
         thread.join(30)
         server.stop()
+
+
+def test_rolling_quality_asked_while_the_window_fills_reads_one_window(monkeypatch):
+    """A scrape runs on the HTTP thread while the worker's thread adds samples: while the window
+    fills, its size can grow between two reads, and slices of two sizes made a scrape fail."""
+    import numpy as np
+
+    from stream_fm.ops.quality import RollingQuality
+
+    q = RollingQuality(window=1000)
+    rng = np.random.default_rng(3)
+    q.update(rng.random(500), (rng.random(500) < 0.3).astype(float))
+    expected = (q.logloss(), q.auc(), q.ctr())
+    growing = iter(range(500, 100_000, 7))  # every read of the size sees more samples
+    monkeypatch.setattr(RollingQuality, "size", property(lambda self: next(growing)))
+    got = (q.logloss(), q.auc(), q.ctr())
+    assert all(math.isfinite(v) for v in got)
+    assert got != expected  # (the later window, in full: the buffers hold zeros past 500)

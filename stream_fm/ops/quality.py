@@ -45,16 +45,21 @@ class RollingQuality:
     def size(self) -> int:
         return min(self._n, self.window)
 
+    # The metrics thread asks while the worker's thread updates: each reads the window's size once,
+    # so that its slices agree (while the window fills, a second read could see more samples)
+
     def logloss(self) -> float:
-        if not self.size:
+        n = self.size
+        if not n:
             return math.nan
-        p = np.clip(self._p[: self.size], _EPS, 1 - _EPS)
-        y = self._y[: self.size]
+        p = np.clip(self._p[:n], _EPS, 1 - _EPS)
+        y = self._y[:n]
         return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
 
     def auc(self) -> float:
         """Exact ROC AUC (ties count one half); NaN while the window holds one class only."""
-        p, y = self._p[: self.size], self._y[: self.size]
+        n = self.size
+        p, y = self._p[:n], self._y[:n]
         positives = float(y.sum())
         negatives = len(y) - positives
         if not positives or not negatives:
@@ -69,4 +74,5 @@ class RollingQuality:
         return float((ranks[y == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
     def ctr(self) -> float:
-        return float(self._y[: self.size].mean()) if self.size else math.nan
+        n = self.size
+        return float(self._y[:n].mean()) if n else math.nan
