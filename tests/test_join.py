@@ -271,3 +271,21 @@ def test_a_join_state_of_the_previous_format_is_inherited_until_it_holds_nothing
 def test_a_join_state_of_an_unknown_format_is_refused_naming_both():
     with pytest.raises(ValueError, match="join state format 3: this version reads 1 and 2"):
         Joins.from_state({"format": 3, "partitions": [], "inherited": None}, 30, 5, 50)
+
+
+def test_max_pending_bounds_the_impressions_of_all_partitions_together():
+    joins = Joins(1000, 0, 2)
+    joins.of("t", 0).impression("a", 100.0, {"ad": "a"})
+    joins.of("t", 1).impression("b", 101.0, {"ad": "b"})
+    joins.of("t", 0).impression("c", 102.0, {"ad": "c"})
+    assert labels(joins.trim()) == [(False, "a")]  # the oldest, whichever partition holds it
+    assert joins.view().pending == 2 and joins.view().overflow == 1
+    events = partitioned(800, seed=8)
+    order = sorted(((p, e) for p, es in events.items() for e in es), key=lambda pe: pe[1][2])
+    joins, out = Joins(30, 5, 40), []
+    for p, e in order:
+        out += feed(joins.of("t", p), [e]) + joins.trim()
+        assert joins.view().pending <= 40  # (each partition's join alone would hold up to 40)
+    out += [s for p in range(3) for s in joins.of("t", p).advance(1e9)]
+    assert joins.view().overflow > 100
+    assert len(out) == len({e[1] for _, e in order if e[0] == "imp"})  # each impression once

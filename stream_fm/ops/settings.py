@@ -148,7 +148,7 @@ SETTINGS: tuple[Setting, ...] = (
         "max_pending",
         int,
         1_000_000,
-        "impressions waiting at most, per partition; beyond, the oldest close as negatives",
+        "impressions waiting at most (all partitions together); beyond, the oldest close as negatives",
         "--max-pending",
         min=1,
     ),

@@ -146,6 +146,18 @@ class Joiner:
             self._forget_at = closed[next(iter(closed))][0] if closed else float("inf")
         return out
 
+    def oldest_deadline(self) -> float:
+        """When the pending impression that closes next is due (inf if none is pending)."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][2] not in self._pending:
+            heapq.heappop(deadlines)  # clicked meanwhile
+        return deadlines[0][0] if deadlines else float("inf")
+
+    def close_oldest(self) -> LabelledSample:
+        """Close the pending impression that closes next, now, as a negative (overflow)."""
+        self.overflow += 1
+        return self._close_next()
+
     def _close_next(self) -> LabelledSample:
         """Close the pending impression with the earliest deadline as a negative."""
         while True:
@@ -254,7 +266,8 @@ class Joins:
     for all partitions, reading a backlog closed the windows of the partitions read behind the
     others as their impressions arrived: a fetch of one partition spans minutes of a slow
     stream's event time. Measured on 1.2M demo events: 66,349 of 93,995 clicks trained.)
-    ``max_pending`` bounds each partition's join.
+    ``max_pending`` bounds the impressions pending in all of them together (:meth:`trim`; each
+    partition's join also remembers at most that many closed ids).
 
     A join state saved before (format 1: one join for every partition) is restored as the
     *inherited* join: the impressions it holds are joined there, its event time moving with every
@@ -276,6 +289,17 @@ class Joins:
         if self.inherited is None or self.inherited.empty:
             return joiner
         return _Inherited(joiner, self.inherited)
+
+    def trim(self) -> list[LabelledSample]:
+        """Close the oldest pending impressions, whichever partition's join holds them, while more
+        than ``max_pending`` wait in all (overflow, counted by the join that held each)."""
+        joins = [*self.by_partition.values(), *([self.inherited] if self.inherited else [])]
+        excess = sum(j.pending for j in joins) - self.settings[2]
+        out = []
+        while excess > 0:
+            out.append(min(joins, key=Joiner.oldest_deadline).close_oldest())
+            excess -= 1
+        return out
 
     def view(self) -> JoinView:
         return JoinView.of([*self.by_partition.values(), *([self.inherited] if self.inherited else [])])

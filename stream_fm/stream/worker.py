@@ -246,6 +246,9 @@ class Worker:
             bad = functools.partial(self._bad_in, batch)
             joiner = self.joins.of(batch.topic, batch.partition)
             found = join_values(batch.values, joiner, self.config.max_message_bytes, bad, xs, ys, counts)
+            for label, features, _ in self.joins.trim():  # (max_pending, all partitions together)
+                xs.append(features)
+                ys.append(label)
             if found is not None and (newest is None or found > newest):
                 newest = found
             if batch.offsets:
