@@ -293,7 +293,7 @@ class Joins:
     def trim(self) -> list[LabelledSample]:
         """Close the oldest pending impressions, whichever partition's join holds them, while more
         than ``max_pending`` wait in all (overflow, counted by the join that held each)."""
-        joins = [*self.by_partition.values(), *([self.inherited] if self.inherited else [])]
+        joins = self._all()
         excess = sum(j.pending for j in joins) - self.settings[2]
         out = []
         while excess > 0:
@@ -302,7 +302,10 @@ class Joins:
         return out
 
     def view(self) -> JoinView:
-        return JoinView.of([*self.by_partition.values(), *([self.inherited] if self.inherited else [])])
+        return JoinView.of(self._all())
+
+    def _all(self) -> list[Joiner]:
+        return [*self.by_partition.values(), *([self.inherited] if self.inherited else [])]
 
     def capture(self) -> Callable[[], dict[str, Any]]:
         """Shallow copies now, the JSON-able state later (:meth:`Joiner.capture`)."""

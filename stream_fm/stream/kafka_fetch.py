@@ -222,12 +222,9 @@ class _Fetcher:
         """Read ``topic``/``partition`` from ``offset`` on (now if assigned, else when it is)."""
         self.sent[(topic, partition)] = offset
         self.epochs[(topic, partition)] = epoch
-        self.held.discard((topic, partition))
+        self.held.discard((topic, partition))  # (held: resumed before the next fetch, from here)
         tp = TopicPartition(topic, partition)
         if self.consumer is not None and tp in self.consumer.assignment():
-            if tp in self.consumer.paused() and not self.paused:
-                self.consumer.resume(tp)
-                _drop_parked(self.consumer, tp)
             self.consumer.seek(tp, offset)
 
     def _check_group(self) -> None:
