@@ -94,8 +94,7 @@ class Joiner:
         heapq.heappush(self._deadlines, (deadline, self._arrivals, id))
         self._arrivals += 1
         while len(self._pending) > self.max_pending:
-            self.overflow += 1
-            out.append(self._close_next())
+            out.append(self.close_oldest())
         return out
 
     def click(self, impression_id: str, ts: float) -> list[LabelledSample]:
