@@ -6,6 +6,7 @@ import heapq
 import itertools
 import json
 import random
+from collections import Counter
 
 import pytest
 
@@ -164,29 +165,37 @@ def test_forgetting_closed_ids_is_what_looking_every_time_gives(max_pending):
 
 def test_the_oldest_offset_the_join_holds_is_tracked_in_amortised_constant_time():
     """A cluster member re-reads a moved partition from the oldest impression its join holds
-    (stream_fm.stream.samples.oldest_held); checked here against every held id's offset."""
-    from stream_fm.stream.samples import oldest_held
+    (stream_fm.stream.samples.Arrivals); checked here against every held id's offset, with ids
+    repeated while held (duplicates) and after the join forgot them (taken in anew)."""
+    from stream_fm.stream.samples import Arrivals, join_values
 
+    rng = random.Random(3)
     events = random_events(4000, seed=9)
+    for n in rng.sample(range(100, len(events)), 600):  # ids forgotten (or not yet), coming again
+        if events[n][0] == "imp":
+            events[n] = ("imp", events[n - rng.randrange(20, 100)][1], *events[n][2:])
     j = Joiner(attribution_window=30, allowed_lateness=5, max_pending=15)
-    offset_of: dict[str, int] = {}
+    arrivals = Arrivals()
     taken_at: dict[str, int] = {}  # the offset at which the join last took each id in
-    lows = []
+    lows, anew = [], 0
     for offset, e in enumerate(events):
-        if e[0] == "imp":
-            if not j.holds(e[1]):
-                taken_at[e[1]] = offset
-                offset_of.pop(e[1], None)
-                offset_of[e[1]] = offset
-            j.impression(e[1], e[2], e[3])
-        else:
-            j.click(e[1], e[2])
-        if offset % 97 == 0:
+        if e[0] == "imp" and not j.holds(e[1]):
+            anew += e[1] in taken_at
+            taken_at[e[1]] = offset
+        event = {"type": "impression", "id": e[1], "ts": e[2], "features": e[3]} if e[0] == "imp" else \
+            {"type": "click", "impression_id": e[1], "ts": e[2]}  # fmt: skip
+        join_values([json.dumps(event).encode()], j, 1 << 20, _no_bad, [], [], Counter(), [offset], arrivals)
+        if offset % 7 == 0:
             held = [taken_at[i] for i in taken_at if j.holds(i)]
-            lows.append(oldest_held(offset_of, j, offset + 1))
+            lows.append(arrivals.oldest_held(j, offset + 1))
             assert lows[-1] == min(held, default=offset + 1), offset
-            assert len(offset_of) <= len(taken_at)
-    assert len(set(lows)) > 10 and j.overflow > 0  # (it moved, and ids were forgotten for room)
+            assert len(arrivals.ids) <= 2 * (offset + 1 - lows[-1]) + 1024  # void entries dropped
+    assert len(set(lows)) > 10 and j.overflow > 0 and j.duplicates > 0  # (it moved; ids forgotten)
+    assert anew > 20  # (ids the join forgot, taken in again)
+
+
+def _no_bad(i: int, reason: str, detail: str) -> None:
+    raise AssertionError(f"event {i}: {reason} {detail}")
 
 
 # ---------------------------------------------------------------------- the single worker's joins

@@ -49,7 +49,7 @@ from stream_fm.cluster.sync import SyncLog
 from stream_fm.snapshots import snapshot
 from stream_fm.stream.deadletters import DeadLetters
 from stream_fm.stream.join import Joiner, JoinView
-from stream_fm.stream.samples import join_values, oldest_held
+from stream_fm.stream.samples import Arrivals, join_values
 from stream_fm.stream.sources import KafkaSource, Record
 from stream_fm.stream.worker import Worker, WorkerConfig
 
@@ -78,7 +78,7 @@ class _Held:
     reading: bool = False
     epoch: int = 0
     joiner: Joiner | None = None
-    offset_of: dict[str, int] = field(default_factory=dict)
+    arrivals: Arrivals = field(default_factory=Arrivals)
     round: int = 0
     start: int = 0
     offsets: list[int] = field(default_factory=list)
@@ -305,7 +305,7 @@ class Member(Worker):
             if cut:  # the join's re-read: before the round boundary, trained already
                 assert held.joiner is not None
                 join_values(batch.values[:cut], held.joiner, self.config.max_message_bytes, lambda *_: None,
-                            [], [], Counter(), batch.offsets, held.offset_of)  # fmt: skip
+                            [], [], Counter(), batch.offsets, held.arrivals)  # fmt: skip
             if cut < len(batch.offsets) and len(held.offsets) >= 2 * ahead:
                 held.refetch = batch.offsets[cut]
                 self.counters.records_reread += len(batch.offsets) - cut
@@ -367,14 +367,14 @@ class Member(Worker):
 
         assert held.joiner is not None
         newest = join_values(
-            values, held.joiner, self.config.max_message_bytes, dead, xs, ys, counts, offsets, held.offset_of
+            values, held.joiner, self.config.max_message_bytes, dead, xs, ys, counts, offsets, held.arrivals
         )
         if not self.dead_letters.flush():  # a published round is never re-read: its bad records first
             log.error("dead letters undelivered: partition %s/%d rebuilt to retry", topic, partition)
             held.reading, held.sync_target = False, self.sync.position
             return
         end = offsets[-1] + 1 if n else held.start
-        low = oldest_held(held.offset_of, held.joiner, end)
+        low = held.arrivals.oldest_held(held.joiner, end)
         delta = rounds.pack_round(xs, ys, held.index, held.round)
         positives = sum(ys)
         max_ts = held.joiner.max_ts if held.joiner.max_ts != float("-inf") else None

@@ -45,9 +45,11 @@ class Joiner:
         self.attribution_window = float(attribution_window)
         self.allowed_lateness = float(allowed_lateness)
         self.max_pending = int(max_pending)
-        self._pending: dict[str, tuple[float, dict[str, Any]]] = {}  # id -> (ts, features)
+        # ``at``: the offset the impression was read at, or None (a cluster member's: ``first_taken``)
+        self._pending: dict[str, tuple[float, dict[str, Any], int | None]] = {}  # id -> (ts, features, at)
         self._deadlines: list[tuple[float, int, str]] = []  # heap of (ts + window, arrival no, id)
-        self._closed: OrderedDict[str, tuple[float, int]] = OrderedDict()  # id -> (forget after, label)
+        # id -> (forget after, label, at)
+        self._closed: OrderedDict[str, tuple[float, int, int | None]] = OrderedDict()
         self._arrivals = 0
         # when the oldest closed id is due to be forgotten (-inf: too many remembered, +inf: none),
         # so that advancing event time checks one number instead of the OrderedDict's first item
@@ -77,9 +79,23 @@ class Joiner:
         """The join holds the impression: pending, or remembered as closed."""
         return id in self._pending or id in self._closed
 
-    def impression(self, id: str, ts: float, features: dict[str, Any]) -> list[LabelledSample]:
-        """Add an impression; returns the samples this closes (negatives past the watermark,
-        overflow), possibly including this impression itself if it arrived too late."""
+    def first_taken(self, ids: list[str], offsets: list[int], start: int) -> int:
+        """The first position from ``start`` on whose impression the join holds, taken in at that
+        offset (``len(ids)`` if none): :class:`~stream_fm.stream.samples.Arrivals`' walk, here
+        for its speed (one loop, no call an entry)."""
+        pending, closed = self._pending, self._closed
+        for i in range(start, len(ids)):
+            held = pending.get(ids[i]) or closed.get(ids[i])
+            if held is not None and held[2] == offsets[i]:
+                return i
+        return len(ids)
+
+    def impression(
+        self, id: str, ts: float, features: dict[str, Any], at: int | None = None
+    ) -> list[LabelledSample]:
+        """Add an impression (read at offset ``at``: :meth:`first_taken`); returns the samples this
+        closes (negatives past the watermark, overflow), possibly including this impression itself
+        if it arrived too late."""
         if self.holds(id):
             self.duplicates += 1
             return []
@@ -87,10 +103,10 @@ class Joiner:
         deadline = ts + self.attribution_window
         if deadline < self.watermark:
             self.late_impressions += 1
-            self._remember(id, deadline, _NEGATIVE)
+            self._remember(id, deadline, _NEGATIVE, at)
             out.append((False, features, ts))
             return out
-        self._pending[id] = (ts, features)
+        self._pending[id] = (ts, features, at)
         heapq.heappush(self._deadlines, (deadline, self._arrivals, id))
         self._arrivals += 1
         while len(self._pending) > self.max_pending:
@@ -103,7 +119,7 @@ class Joiner:
         pending = self._pending.get(impression_id)
         if pending is not None and ts - pending[0] <= self.attribution_window:
             del self._pending[impression_id]  # its heap entry is skipped when it surfaces
-            self._remember(impression_id, pending[0] + self.attribution_window, _POSITIVE)
+            self._remember(impression_id, pending[0] + self.attribution_window, _POSITIVE, pending[2])
             out.append((True, pending[1], pending[0]))
         elif pending is not None:
             self.late_clicks += 1  # outside the window: the impression will close as a negative
@@ -163,13 +179,13 @@ class Joiner:
             deadline, _, id = heapq.heappop(self._deadlines)
             pending = self._pending.pop(id, None)
             if pending is not None:
-                self._remember(id, deadline, _NEGATIVE)
+                self._remember(id, deadline, _NEGATIVE, pending[2])
                 return (False, pending[1], pending[0])
 
-    def _remember(self, id: str, deadline: float, label: int) -> None:
+    def _remember(self, id: str, deadline: float, label: int, at: int | None) -> None:
         if not self._closed:
             self._forget_at = deadline
-        self._closed[id] = (deadline, label)
+        self._closed[id] = (deadline, label, at)
         if len(self._closed) > self.max_pending:
             self._forget_at = float("-inf")  # (the next advance forgets the oldest)
 
@@ -202,8 +218,8 @@ class Joiner:
             live = sorted((n, id) for _, n, id in deadlines if id in pending)
             return {
                 **head,
-                "pending": [[id, n, *pending[id]] for n, id in live],
-                "closed": [[id, d, label] for id, (d, label) in closed],
+                "pending": [[id, n, *pending[id][:2]] for n, id in live],
+                "closed": [[id, d, label] for id, (d, label, _) in closed],
             }
 
         return state
@@ -220,11 +236,11 @@ class Joiner:
         joiner.max_ts = float("-inf") if state["max_ts"] is None else state["max_ts"]
         joiner._arrivals = state["arrivals"]
         for id, n, ts, features in state["pending"]:
-            joiner._pending[id] = (ts, features)
+            joiner._pending[id] = (ts, features, None)
             joiner._deadlines.append((ts + joiner.attribution_window, n, id))
         heapq.heapify(joiner._deadlines)
         for id, deadline, label in state["closed"]:
-            joiner._remember(id, deadline, label)
+            joiner._remember(id, deadline, label, None)
         (
             joiner.duplicates,
             joiner.late_clicks,
