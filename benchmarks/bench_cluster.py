@@ -47,13 +47,14 @@ from common import machine, print_table
 
 from stream_fm import SparseFM
 from stream_fm.cluster.delta import Assembler, encode
+from stream_fm.cluster.member import ROUND_RECORDS
 from stream_fm.cluster.rounds import fold_round, pack_round
 from stream_fm.snapshots import snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 PARTITIONS = 6
-DEFAULT_ROUND = 2000
+DEFAULT_ROUND = ROUND_RECORDS  # a new cluster's
 STREAMS = {  # the three kinds the issue names, from the quality suite (benchmarks/suite.py)
     "sparse ids (planted FM, 200k)": "planted FM, enough (200k)",
     "dense table (census-like, 48.8k)": "census-like table (48.8k)",
@@ -426,7 +427,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--events", type=int, default=1_200_000)
-    parser.add_argument("--rounds", type=int, nargs="*", default=[500, DEFAULT_ROUND, 10_000])
+    parser.add_argument("--rounds", type=int, nargs="*", default=[500, 2000, DEFAULT_ROUND, 10_000])
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-cost", action="store_true")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each cost config (median shown)")

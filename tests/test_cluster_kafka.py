@@ -66,10 +66,13 @@ def new_topic(kafka, prefix: str, partitions: int = PARTITIONS) -> str:
     return name
 
 
-def member_args(kafka, topic: str, sync: str, root: Path, round_timeout: float = 1.0) -> list[str]:
+def member_args(
+    kafka, topic: str, sync: str, root: Path, round_timeout: float = 1.0, round_records: int | None = 400
+) -> list[str]:
+    rounds = ["--round-records", str(round_records)] if round_records else []  # (none: the cluster's)
     return [
         "run", "--bootstrap-servers", kafka.bootstrap, "--topic", topic, "--group-id", sync,
-        "--sync-topic", sync, "--round-records", "400", "--round-timeout", str(round_timeout),
+        "--sync-topic", sync, *rounds, "--round-timeout", str(round_timeout),
         "--snapshot-dir", str(root), "--snapshot-interval", "0.5", "--batch-size", "500",
         "--session-timeout", "6", "--metrics-port", "0",
         "--attribution-window", str(WINDOW), "--allowed-lateness", str(LATENESS), "--progress-interval", "2",
@@ -89,9 +92,15 @@ def by_key(root: Path) -> tuple[dict[str, bytes], dict[str, object]]:
 
 
 def start(
-    kafka, topic: str, sync: str, root: Path, log: Path, round_timeout: float = 1.0
+    kafka,
+    topic: str,
+    sync: str,
+    root: Path,
+    log: Path,
+    round_timeout: float = 1.0,
+    round_records: int | None = 400,
 ) -> subprocess.Popen:
-    return stream_fm_process(member_args(kafka, topic, sync, root, round_timeout), log)
+    return stream_fm_process(member_args(kafka, topic, sync, root, round_timeout, round_records), log)
 
 
 def publishers(kafka, sync: str) -> set[str]:
@@ -309,7 +318,8 @@ def test_a_member_joins_mid_stream_and_another_leaves_with_sigterm(kafka, topic_
     try:
         trickle.start(per_step=60, step_seconds=0.02, keep=0)
         wait_progress(first, topic, 2000, procs[0])
-        procs.append(start(kafka, topic, sync, second, log, round_timeout=5.0))  # joins
+        # joins, its round length unset: the cluster's (400) is taken
+        procs.append(start(kafka, topic, sync, second, log, round_timeout=5.0, round_records=None))
         wait_progress(second, topic, 15_000, procs[1])
         stop(procs[:1], log)  # leaves: the second takes everything
         trickle.stop()

@@ -84,6 +84,16 @@ def test_a_member_with_other_settings_is_refused_naming_the_key():
         ledger.check("sync", 100, {"n_factors": 4})
 
 
+def test_a_member_without_a_round_length_of_its_own_takes_the_clusters():
+    """``cluster.round_records`` unset (the default): the round length the cluster began with,
+    whatever a release's default for a new cluster is (members of an older cluster upgrade)."""
+    ledger = Ledger(GENESIS)
+    ledger.check("sync", None, {"n_factors": 8})
+    assert ledger.round_records == 100
+    with pytest.raises(ConfigError, match=r"model.*n_factors"):
+        ledger.check("sync", None, {"n_factors": 4})
+
+
 def test_a_cluster_of_the_earlier_format_is_refused_naming_both_formats():
     """Format 1 rounds carried changes of the model; a member of this release cannot follow them."""
     with pytest.raises(ConfigError, match=r"cluster\.sync_topic.*format 1.*format 2"):

@@ -51,8 +51,14 @@ class Ledger:
         self.first_at: dict[int, int] = {}  # round -> sync offset of its first message read
         self.assembler = Assembler()
 
-    def check(self, sync_topic: str, round_records: int, model_config: dict[str, Any]) -> None:
-        """Refuse to follow a cluster begun with other settings, or by another release's format."""
+    @property
+    def round_records(self) -> int:
+        """Records of a partition per round, as the cluster began."""
+        return int(self.genesis["round_records"])
+
+    def check(self, sync_topic: str, round_records: int | None, model_config: dict[str, Any]) -> None:
+        """Refuse to follow a cluster begun with other settings, or by another release's format
+        (``round_records`` None: the cluster's, whatever it is)."""
         if self.genesis.get("format") != GENESIS_FORMAT:
             raise ConfigError(
                 "cluster.sync_topic",
@@ -63,6 +69,8 @@ class Ledger:
             )
         ours = {"round_records": round_records, "model": json.loads(json.dumps(model_config))}
         for key, value in ours.items():
+            if value is None:
+                continue
             if self.genesis[key] != value:
                 raise ConfigError(
                     f"cluster.{key}" if key == "round_records" else "model",

@@ -9,7 +9,8 @@ The consumer group decides which member owns which partition of the events; the 
                   published as the partition's delta for the round (rounds.pack_round)
 
 Round r of a partition is its next ``round_records`` records after round r - 1 (the first begins
-at the offset the cluster's genesis recorded), so boundaries depend on the log only. Every member
+at the offset the cluster's genesis recorded, which also records ``round_records``), so
+boundaries depend on the log only. Every member
 learns the same samples in the same order, so all hold the same numbers, and the model does not
 depend on how many members there are or who owned what. An owner publishes up to
 ``PUBLISH_AHEAD`` rounds past the one the cluster folds next, so that waiting for the slowest
@@ -53,19 +54,23 @@ from stream_fm.stream.samples import Arrivals, join_values
 from stream_fm.stream.sources import KafkaSource, Record
 from stream_fm.stream.worker import Worker, WorkerConfig
 
-__all__ = ["PUBLISH_AHEAD", "READ_AHEAD", "ClusterConfig", "Member"]
+__all__ = ["PUBLISH_AHEAD", "READ_AHEAD", "ROUND_RECORDS", "ClusterConfig", "Member"]
 
 log = logging.getLogger(__name__)
 
-READ_AHEAD = 10  # rounds of a partition's records read unpublished before its fetching is held
+# records of a partition read unpublished before its fetching is held (two rounds if more)
+READ_AHEAD = 20_000
 PUBLISH_AHEAD = 2  # rounds an owner publishes past the one the cluster folds next
 IDLE_WAIT = 0.05  # seconds a loop waits for records when none are there (then reads the sync topic)
+
+
+ROUND_RECORDS = 4000  # a new cluster's round length, unless set (README, "Cluster")
 
 
 @dataclass
 class ClusterConfig:
     sync_topic: str
-    round_records: int = 2000
+    round_records: int | None = None  # None: the cluster's (its genesis), ROUND_RECORDS if new
     round_timeout: float = 2.0
 
 
@@ -184,7 +189,7 @@ class Member(Worker):
         """Join the cluster the sync topic's genesis describes (written now if there is none)."""
         proposal = {
             "partitions": self.sync.partitions(self.source.settings["topics"]),
-            "round_records": self.cluster.round_records,
+            "round_records": self.cluster.round_records or ROUND_RECORDS,
             "model": self.model.get_config(),
         }
         genesis, offset = self.sync.genesis(proposal)
@@ -278,15 +283,17 @@ class Member(Worker):
     def _poll(self) -> bool:
         """Take the next records of owned partitions; False if none came.
 
-        A partition read ``READ_AHEAD`` rounds ahead is held (the fetch process stops fetching it)
-        until half of that is left, which bounds memory. It polls on every loop, needed or not:
-        the consumer takes part in rebalances only while it is polled, and a member that stopped
-        polling while it waited for a partition moving to another member held the group's
-        rebalance for max.poll.interval.ms (5 minutes: measured). Should records still come far
-        past a hold, they are dropped and read again later (a seek; counted as read twice)."""
-        ahead = READ_AHEAD * self.cluster.round_records
+        A partition read ``READ_AHEAD`` records ahead (two rounds if more) is held (the fetch
+        process stops fetching it) until half of that is left, which bounds memory. It polls on
+        every loop, needed or not: the consumer takes part in rebalances only while it is polled,
+        and a member that stopped polling while it waited for a partition moving to another member
+        held the group's rebalance for max.poll.interval.ms (5 minutes: measured). Should records
+        still come far past a hold, they are dropped and read again later (a seek; counted as read
+        twice)."""
+        full = self.ledger.round_records
+        ahead = max(READ_AHEAD, 2 * full)
         for held in self.held.values():
-            if held.refetch is not None and len(held.offsets) < self.cluster.round_records:
+            if held.refetch is not None and len(held.offsets) < full:
                 self._seek(held, held.refetch)
             elif held.holding and len(held.offsets) < ahead // 2:
                 held.holding = False
@@ -325,7 +332,7 @@ class Member(Worker):
         self.source.seek(*self.ledger.partitions[held.index], offset, held.epoch)
 
     def _close_rounds(self) -> None:
-        full = self.cluster.round_records
+        full = self.ledger.round_records
         for held in self.held.values():
             while held.reading and not self._blocked(held) and len(held.offsets) >= full:
                 self._publish(held, full)

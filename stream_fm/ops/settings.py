@@ -315,10 +315,11 @@ SETTINGS: tuple[Setting, ...] = (
         "cluster",
         "round_records",
         int,
-        2000,
-        "records of a partition per round (all members alike)",
+        None,
+        "records of a partition per round, all members alike (none: the cluster's; 4000 for a new one)",
         "--round-records",
         min=1,
+        optional=True,
     ),
     S(
         "cluster",
