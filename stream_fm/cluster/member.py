@@ -59,7 +59,7 @@ __all__ = ["PUBLISH_AHEAD", "READ_AHEAD", "ROUND_RECORDS", "ClusterConfig", "Mem
 log = logging.getLogger(__name__)
 
 # records of a partition read unpublished before its fetching is held (two rounds if more)
-READ_AHEAD = 20_000
+READ_AHEAD = 8000
 PUBLISH_AHEAD = 2  # rounds an owner publishes past the one the cluster folds next
 IDLE_WAIT = 0.05  # seconds a loop waits for records when none are there (then reads the sync topic)
 
