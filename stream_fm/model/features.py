@@ -60,7 +60,9 @@ def encode_batch(xs: Iterable[Mapping[str, Any]]) -> Packed:
 
 
 def check(x: Mapping[str, Any]) -> None:
-    """Raise :class:`FeatureError` naming the field if sample ``x`` cannot be encoded."""
+    """Raise :class:`FeatureError` naming the field if sample ``x`` cannot be encoded. (Every
+    impression is checked as it is decoded: the C encoder's bytes are dropped as they come, as
+    wrapping them in four numpy arrays cost more than encoding them, 1 µs an event.)"""
     _encode_one(x)
 
 
@@ -70,14 +72,16 @@ def keys_of(x: Mapping[str, Any]) -> list[tuple[str, float]]:
     >>> keys_of({"ad": "a17", "price": 3.5, "genres": ["Drama", "War"], "mobile": False})
     [('ad=a17', 1.0), ('price', 3.5), ('genres=Drama', 1.0), ('genres=War', 1.0)]
     """
-    data, lengths, vals, _ = _encode_one(x)
-    return list(zip(keys_at(data, lengths, range(len(lengths))), vals.tolist(), strict=True))
+    raw, sizes, vals, _ = _encode_one(x)
+    data, lengths = np.frombuffer(raw, np.uint8), np.frombuffer(sizes, np.int64)
+    return list(zip(keys_at(data, lengths, range(len(lengths))), np.frombuffer(vals).tolist(), strict=True))
 
 
-def _encode_one(x: Mapping[str, Any]) -> Packed:
-    """:func:`encode_batch` of one sample, whose errors carry no batch position."""
+def _encode_one(x: Mapping[str, Any]) -> tuple[bytes, bytes, bytes, bytes]:
+    """The C encoder's bytes of one sample (:data:`Packed`'s, unwrapped), whose errors carry no
+    batch position."""
     try:
-        return encode_batch([x])
+        return _encode.encode_batch([x])
     except FeatureError as e:
         raise FeatureError(e.field, e.reason) from None
 
