@@ -10,14 +10,13 @@ The consumer group decides which member owns which partition of the events; the 
 
 Round r of a partition is its next ``round_records`` records after round r - 1 (the first begins
 at the offset the cluster's genesis recorded, which also records ``round_records``), so
-boundaries depend on the log only. Every member
-learns the same samples in the same order, so all hold the same numbers, and the model does not
-depend on how many members there are or who owned what. An owner publishes up to
-``PUBLISH_AHEAD`` rounds past the one the cluster folds next, so that waiting for the slowest
-partition overlaps with reading. A round closes early only when its partition stalls (no records
-for ``round_timeout`` seconds, nothing left to read) and it is the round every member waits for:
-the end it reached is in the delta, so replay stays exact, but the model then depends on timing
-(docs/operations.md).
+boundaries depend on the log only. Every member learns the same samples in the same order, so
+all hold the same numbers, and the model does not depend on how many members there are or who
+owned what. An owner publishes up to ``PUBLISH_AHEAD`` rounds past the one the cluster folds
+next, so that waiting for the slowest partition overlaps with reading. A round closes early only
+when its partition stalls (no records for ``round_timeout`` seconds, nothing left to read) and
+it is the round every member waits for: the end it reached is in the delta, so replay stays
+exact, but the model then depends on timing (docs/operations.md).
 
 Each partition's click join is its own: each delta records the lowest offset whose impression
 the join still holds (pending, or remembered as closed), and the event time reached; whoever owns
@@ -58,13 +57,11 @@ __all__ = ["PUBLISH_AHEAD", "READ_AHEAD", "ROUND_RECORDS", "ClusterConfig", "Mem
 
 log = logging.getLogger(__name__)
 
+ROUND_RECORDS = 4000  # a new cluster's round length, unless set (README, "Cluster")
 # records of a partition read unpublished before its fetching is held (two rounds if more)
 READ_AHEAD = 8000
 PUBLISH_AHEAD = 2  # rounds an owner publishes past the one the cluster folds next
 IDLE_WAIT = 0.05  # seconds a loop waits for records when none are there (then reads the sync topic)
-
-
-ROUND_RECORDS = 4000  # a new cluster's round length, unless set (README, "Cluster")
 
 
 @dataclass
