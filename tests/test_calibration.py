@@ -52,12 +52,13 @@ def _parts(model: SparseFM, x: dict[str, str]) -> tuple[float, float]:
 class _Reference:
     """The calibration written out with numpy: a Gaussian prior, one Newton step per sample;
     with ``centred``, the gains act on the parts' deviations from their running means (the means
-    themselves pass at gain 1)."""
+    themselves pass at gain 1); with ``nonnegative``, a gain the step takes below 0 stops at 0."""
 
-    def __init__(self, centred: bool) -> None:
+    def __init__(self, centred: bool, nonnegative: bool = True) -> None:
         self.theta = np.array([1.0, 1.0, 1.0, 0.0])
         self.H = np.diag(CAL_PRIOR)
         self.centred = centred
+        self.nonnegative = nonnegative
         self.means = np.zeros(2)
         self.n = 0
 
@@ -72,6 +73,8 @@ class _Reference:
         x = self._x(w0, lin, pair)
         self.H += p * (1 - p) * np.outer(x, x)
         self.theta -= np.linalg.solve(self.H, (p - float(y)) * x)
+        if self.nonnegative:
+            self.theta[:3] = np.maximum(self.theta[:3], 0.0)
         self.n += 1
         if self.centred:
             self.means += (np.array([lin, pair]) - self.means) / self.n
@@ -81,14 +84,19 @@ def _learn(model: SparseFM, stream) -> np.ndarray:
     return model.learn_batch([x for x, _ in stream], [y for _, y in stream])
 
 
-@pytest.mark.parametrize(("average", "center"), [(True, True), (False, True), (True, False)])
-def test_reports_are_the_calibrated_score_of_the_model_before_each_sample(average, center):
+@pytest.mark.parametrize(
+    ("average", "center", "nonnegative"),
+    [(True, True, True), (False, True, True), (True, False, True), (True, True, False)],
+)
+def test_reports_are_the_calibrated_score_of_the_model_before_each_sample(average, center, nonnegative):
     """The reported intercept is the average of w0 over the samples learned, the n-th weighing n
     (``average_intercept``, on by default with calibration), or w0 itself; with ``center`` the
-    gains scale the parts' deviations from their running means."""
+    gains scale the parts' deviations from their running means; with ``nonnegative_gains`` no
+    gain goes below 0 (on this stream the pairwise part's would, for a while, without it)."""
     stream = _ids_stream(1500, seed=1, signal=0.8, ctr=0.2)
     plain = SparseFM(seed=4, calibrate=False, center=center)  # the same machine, reporting y_hat
-    ref = _Reference(centred=center)
+    ref = _Reference(centred=center, nonnegative=nonnegative)
+    lowest = np.full(3, np.inf)  # each gain's lowest value along the way
     expected = []
     w0_report = 0.0
     for n, (x, y) in enumerate(stream, start=1):
@@ -96,9 +104,10 @@ def test_reports_are_the_calibrated_score_of_the_model_before_each_sample(averag
         p = ref.report(w0_report, lin, pair)
         expected.append(p)
         ref.learn(w0_report, lin, pair, p, y)
+        lowest = np.minimum(lowest, ref.theta[:3])
         plain.learn_one(x, y)
         w0_report = w0_report + 2 * (plain.w0 - w0_report) / (n + 1) if average else plain.w0
-    calibrated = SparseFM(seed=4, average_intercept=average, center=center)
+    calibrated = SparseFM(seed=4, average_intercept=average, center=center, nonnegative_gains=nonnegative)
     got = _learn(calibrated, stream)
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=0)
     bias = calibrated._bias
@@ -109,6 +118,7 @@ def test_reports_are_the_calibrated_score_of_the_model_before_each_sample(averag
     np.testing.assert_allclose(bias[[B_LIN_MEAN, B_PAIR_MEAN]], ref.means, rtol=1e-12, atol=0)
     assert ref.means.any() == center
     assert not np.allclose(ref.theta, [1.0, 1.0, 1.0, 0.0], atol=0.05)  # it did move
+    assert (lowest.min() == 0.0) if nonnegative else (lowest.min() < 0.0)  # the floor was reached
 
 
 def test_calibration_does_not_change_what_the_model_learns():

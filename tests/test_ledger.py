@@ -6,17 +6,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stream_fm import ConfigError
+from stream_fm import ConfigError, SparseFM
 from stream_fm.cluster.delta import Delta, encode
 from stream_fm.cluster.ledger import Boundary, Ledger
 from stream_fm.cluster.sync import GENESIS_FORMAT, decode_genesis, encode_genesis
 from stream_fm.errors import DeltaError
 
+MODEL = SparseFM().get_config()
 GENESIS = {
     "format": GENESIS_FORMAT,
     "partitions": [["events", 0, 0], ["events", 1, 10]],
     "round_records": 100,
-    "model": {"n_factors": 8},
+    "model": MODEL,
 }
 
 
@@ -77,27 +78,38 @@ def test_a_restart_reads_again_from_the_first_message_of_a_round_not_folded():
 
 def test_a_member_with_other_settings_is_refused_naming_the_key():
     ledger = Ledger(GENESIS)
-    ledger.check("sync", 100, {"n_factors": 8})
+    ledger.check("sync", 100, MODEL)
     with pytest.raises(ConfigError, match=r"cluster\.round_records.*2000.*100"):
-        ledger.check("sync", 2000, {"n_factors": 8})
+        ledger.check("sync", 2000, MODEL)
     with pytest.raises(ConfigError, match=r"model.*n_factors"):
-        ledger.check("sync", 100, {"n_factors": 4})
+        ledger.check("sync", 100, {**MODEL, "n_factors": 4})
 
 
 def test_a_member_without_a_round_length_of_its_own_takes_the_clusters():
     """``cluster.round_records`` unset (the default): the round length the cluster began with,
     whatever a release's default for a new cluster is (members of an older cluster upgrade)."""
     ledger = Ledger(GENESIS)
-    ledger.check("sync", None, {"n_factors": 8})
+    ledger.check("sync", None, MODEL)
     assert ledger.round_records == 100
     with pytest.raises(ConfigError, match=r"model.*n_factors"):
-        ledger.check("sync", None, {"n_factors": 4})
+        ledger.check("sync", None, {**MODEL, "n_factors": 4})
+
+
+def test_a_cluster_begun_before_a_setting_existed_has_it_as_that_release_learned():
+    """A genesis written before ``nonnegative_gains`` existed: the cluster learns without it, so a
+    member with today's default is refused naming it, and one configured as the cluster is not."""
+    earlier = {k: v for k, v in MODEL.items() if k != "nonnegative_gains"}
+    ledger = Ledger({**GENESIS, "model": earlier})
+    assert ledger.genesis["model"] == {**MODEL, "nonnegative_gains": False}
+    with pytest.raises(ConfigError, match=r"model.*nonnegative_gains"):
+        ledger.check("sync", 100, MODEL)
+    ledger.check("sync", 100, {**MODEL, "nonnegative_gains": False})
 
 
 def test_a_cluster_of_the_earlier_format_is_refused_naming_both_formats():
     """Format 1 rounds carried changes of the model; a member of this release cannot follow them."""
     with pytest.raises(ConfigError, match=r"cluster\.sync_topic.*format 1.*format 2"):
-        Ledger({**GENESIS, "format": 1}).check("sync", 100, {"n_factors": 8})  # (a snapshot's genesis)
+        Ledger({**GENESIS, "format": 1}).check("sync", 100, MODEL)  # (a snapshot's genesis)
     old = encode_genesis(GENESIS).replace(b'"format":2', b'"format":1')
     with pytest.raises(DeltaError, match=r"format 1.*format 2"):
         decode_genesis(old)  # (the topic's)

@@ -16,6 +16,7 @@ from typing import Any
 from stream_fm.cluster.delta import Assembler, Delta, chunk_key
 from stream_fm.cluster.sync import GENESIS_FORMAT, GENESIS_MAGIC
 from stream_fm.errors import ConfigError
+from stream_fm.model.state import as_made
 
 __all__ = ["Boundary", "Ledger", "cluster_state"]
 
@@ -40,6 +41,8 @@ class Ledger:
     """The sync topic as read so far (``genesis``: the cluster's, see :mod:`.sync`)."""
 
     def __init__(self, genesis: dict[str, Any]) -> None:
+        if "model" in genesis:  # an earlier release's: the settings added since, as it had them
+            genesis = {**genesis, "model": as_made(genesis["model"])}
         self.genesis = genesis
         self.partitions: list[tuple[str, int]] = [(t, p) for t, p, _ in genesis["partitions"]]
         self.index = {tp: i for i, tp in enumerate(self.partitions)}

@@ -79,6 +79,9 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
         Report with an average of w0 over the samples learned (the t-th weighing t) instead of
         w0 itself: the intercept's steps, large next to a rare click, no longer move
         every report. None: on with ``calibrate``.
+    nonnegative_gains
+        The calibration's gains on w0 and on the two parts stop at 0 rather than turn a part the
+        model learned upside down (a part that carries noise gets 0). None: on with ``calibrate``.
     l2_w, l2_v
         L2 penalties on the linear weights and on the latent vectors, >= 0, applied (lazily) to
         the rows a sample touches.
@@ -141,6 +144,7 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
         calibrate: bool | None = None,
         center: bool | None = None,
         average_intercept: bool | None = None,
+        nonnegative_gains: bool | None = None,
         l2_w: float = 0.0,
         l2_v: float = 1e-4,
         init_std: float = 0.02,
@@ -173,6 +177,9 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
         self.average_intercept = checks.check_switch(
             "average_intercept", average_intercept, self.calibrate, "on with calibrate"
         )
+        self.nonnegative_gains = checks.check_switch(
+            "nonnegative_gains", nonnegative_gains, self.calibrate, "on with calibrate"
+        )
         self.l2_w = checks.check_float("l2_w", l2_w)
         self.l2_v = checks.check_float("l2_v", l2_v)
         self.init_std = checks.check_float("init_std", init_std)
@@ -194,7 +201,8 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
         self._opt = updates.OPTIMIZERS[optimizer]
         hp = [self.learning_rate, self.l2_w, self.l2_v, self.clip_gradient, _ADAGRAD_EPS, self.init_std,
               self.bias_learning_rate, self.initial_accumulator, self.factor_learning_rate,
-              float(self.calibrate), float(self.center), float(self.average_intercept)]  # fmt: skip
+              float(self.calibrate), float(self.center), float(self.average_intercept),
+              float(self.nonnegative_gains)]  # fmt: skip
         self._hp = np.array(hp)  # updates.HP_*
         self._seed64 = np.uint64(self.seed)
         self._hashing = fastpath.hashing(self.seed, self.hash_bits)
@@ -396,6 +404,6 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
 
 # the constructor's arguments, in its order
 _PARAMS = ("n_factors", "optimizer", "learning_rate", "bias_learning_rate", "factor_learning_rate",
-           "initial_accumulator", "calibrate", "center", "average_intercept", "l2_w", "l2_v",
-           "init_std", "clip_gradient", "max_features", "min_count", "admission_capacity",
-           "hash_bits", "seed")  # fmt: skip
+           "initial_accumulator", "calibrate", "center", "average_intercept", "nonnegative_gains",
+           "l2_w", "l2_v", "init_std", "clip_gradient", "max_features", "min_count",
+           "admission_capacity", "hash_bits", "seed")  # fmt: skip

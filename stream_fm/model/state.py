@@ -15,9 +15,9 @@ from stream_fm.errors import ConfigError
 from stream_fm.model import _kernels
 from stream_fm.model.keyindex import KeyIndex, decode_keys, encode_keys, gather_keys
 
-__all__ = ["STATE_FORMAT", "StateCapture", "StateIO", "upgrade_bias"]
+__all__ = ["STATE_FORMAT", "StateCapture", "StateIO", "as_made", "upgrade_bias"]
 
-STATE_FORMAT = 4
+STATE_FORMAT = 5
 # Earlier formats are read and migrated: their dense state ("bias") is shorter, and gets the rest
 # of today's from a new model's (``_kernels.fresh_bias``):
 # 1: before the normalized optimizer (bias [w0, accumulator]; the sum of sample norms 0: format 1
@@ -27,9 +27,31 @@ STATE_FORMAT = 4
 # 3: before centring and the averaged intercept (the reported intercept is w0, a normalized row
 #    has one column after its factor accumulators, N, and not its sum of x; the model is made
 #    with ``center=False`` and ``average_intercept=False``: it predicts and learns on exactly as
-#    before).
-READABLE_FORMATS = (1, 2, 3, 4)
-_BIAS_LENGTHS = {1: 2, 2: 3, 3: _kernels.B_W0_REPORT, 4: _kernels.BIAS_SIZE}
+#    before);
+# 4: before the calibration's gains were kept from going below 0 (the layout is today's; the model
+#    is made with ``nonnegative_gains=False``: it predicts and learns on exactly as before).
+READABLE_FORMATS = (1, 2, 3, 4, 5)
+_BIAS_LENGTHS = {1: 2, 2: 3, 3: _kernels.B_W0_REPORT, 4: _kernels.BIAS_SIZE, 5: _kernels.BIAS_SIZE}
+
+
+# the settings each state_format added, with the value that keeps a model made before it as it was
+_ADDED_SETTINGS = {
+    3: {"calibrate": False},
+    4: {"center": False, "average_intercept": False},
+    5: {"nonnegative_gains": False},
+}
+
+
+def as_made(config: Mapping[str, Any], version: int = 0) -> dict[str, Any]:
+    """A model's settings as an earlier release recorded them (in a snapshot of state_format
+    ``version``; 0: any earlier release, e.g. in a cluster's genesis), with each setting added
+    since set as that model had it: it predicts and learns on exactly as it did."""
+    config = dict(config)
+    for added_in, settings in _ADDED_SETTINGS.items():
+        if version < added_in:
+            for name, value in settings.items():
+                config.setdefault(name, value)
+    return config
 
 
 def upgrade_bias(bias: np.ndarray, version: int) -> np.ndarray:
@@ -122,13 +144,7 @@ class StateIO:
                 (meta.get("class"), version),
                 f"({cls.__name__!r}, one of {READABLE_FORMATS}); this release writes {STATE_FORMAT}",
             )
-        config = dict(meta["config"])
-        if version < 3:  # made before calibration: it stays the model it was
-            config.setdefault("calibrate", False)
-        if version < 4:  # made before centring and the averaged intercept: likewise
-            config.setdefault("center", False)
-            config.setdefault("average_intercept", False)
-        model = cls(**config)
+        model = cls(**as_made(meta["config"], version))
         n = int(meta["n_rows"])
         k = model.n_factors
         if "bias" in arrays:
