@@ -172,14 +172,12 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
         )
         self.initial_accumulator = checks.check_float("initial_accumulator", initial_accumulator)
         normalized = optimizer == "normalized"
-        self.calibrate = checks.check_switch("calibrate", calibrate, normalized, "on with normalized")
-        self.center = checks.check_switch("center", center, normalized, "on with normalized")
-        self.average_intercept = checks.check_switch(
-            "average_intercept", average_intercept, self.calibrate, "on with calibrate"
-        )
-        self.nonnegative_gains = checks.check_switch(
-            "nonnegative_gains", nonnegative_gains, self.calibrate, "on with calibrate"
-        )
+        switch = checks.check_switch
+        self.calibrate = switch("calibrate", calibrate, normalized, "on with normalized")
+        self.center = switch("center", center, normalized, "on with normalized")
+        cal = self.calibrate  # the calibration's refinements are on with it
+        self.average_intercept = switch("average_intercept", average_intercept, cal, "on with calibrate")
+        self.nonnegative_gains = switch("nonnegative_gains", nonnegative_gains, cal, "on with calibrate")
         self.l2_w = checks.check_float("l2_w", l2_w)
         self.l2_v = checks.check_float("l2_v", l2_v)
         self.init_std = checks.check_float("init_std", init_std)
