@@ -41,9 +41,8 @@ class Ledger:
     """The sync topic as read so far (``genesis``: the cluster's, see :mod:`.sync`)."""
 
     def __init__(self, genesis: dict[str, Any]) -> None:
-        if "model" in genesis:  # an earlier release's: the settings added since, as it had them
-            genesis = {**genesis, "model": as_made(genesis["model"])}
-        self.genesis = genesis
+        # a genesis written before a setting existed: the setting as that release learned
+        self.genesis = genesis = {**genesis, "model": as_made(genesis["model"])}
         self.partitions: list[tuple[str, int]] = [(t, p) for t, p, _ in genesis["partitions"]]
         self.index = {tp: i for i, tp in enumerate(self.partitions)}
         self.merged = 0  # rounds folded into the model (the next one to fold)
