@@ -57,7 +57,7 @@ __all__ = ["PUBLISH_AHEAD", "READ_AHEAD", "ROUND_RECORDS", "ClusterConfig", "Mem
 
 log = logging.getLogger(__name__)
 
-ROUND_RECORDS = 4000  # a new cluster's round length, unless set (README, "Cluster")
+ROUND_RECORDS = 16_000  # a new cluster's round length, unless set (README, "Cluster")
 # records of a partition read unpublished before its fetching is held (two rounds if more)
 READ_AHEAD = 8000
 PUBLISH_AHEAD = 2  # rounds an owner publishes past the one the cluster folds next

@@ -325,7 +325,7 @@ SETTINGS: tuple[Setting, ...] = (
         "round_records",
         int,
         None,
-        "records of a partition per round, all members alike (none: the cluster's; 4000 for a new one)",
+        "records of a partition per round, all members alike (none: the cluster's; 16000 for a new one)",
         "--round-records",
         min=1,
         optional=True,
