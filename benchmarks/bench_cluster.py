@@ -10,8 +10,8 @@
 - **Cost**: real ``stream-fm run`` processes on the local broker (deploy/kafka/kafka-local.sh,
   started if needed) and a 6-partition topic of demo events (``--event-rate``: impressions a
   second of event time), snapshots every 60 s (the default): CPU-seconds per event of a single
-  worker and of clusters of 1, 2 and 3 members (their Kafka fetch processes included; the broker's
-  own CPU beside it), over the whole run (start-up and rebalances included) and in the steady
+  worker and of clusters of 1, 2 and 3 members, and of 3 members at other round lengths
+  (``--cost-rounds``; their Kafka fetch processes included; the broker's own CPU beside it), over the whole run (start-up and rebalances included) and in the steady
   state (from the first second every process has had partitions assigned to the last before the
   end, against the events learned meanwhile), delta bytes per event, fold and wait time per round,
   and the recovery after ``kill -9`` of one of two members.
@@ -20,7 +20,7 @@
 - **Scale, on paper**: events/s of N = 1..32 members from the measured per-event costs.
 
     python benchmarks/bench_cluster.py [--events 1200000] [--rounds 500 2000 4000 8000 16000] [--repeat 3]
-        [--event-rate 50] [--skip-quality] [--skip-cost]
+        [--event-rate 50] [--cost-rounds 4000] [--skip-quality] [--skip-cost]
 """
 
 from __future__ import annotations
@@ -136,7 +136,13 @@ def plot(curves: dict) -> None:
 
 
 def worker_args(
-    bootstrap: str, topic: str, root: Path, sync: str | None, group: str, snapshot_interval: float = 60.0
+    bootstrap: str,
+    topic: str,
+    root: Path,
+    sync: str | None,
+    group: str,
+    snapshot_interval: float = 60.0,
+    round_records: int | None = None,
 ) -> list[str]:
     args = [
         sys.executable, "-m", "stream_fm", "run", "--bootstrap-servers", bootstrap, "--topic", topic,
@@ -144,6 +150,8 @@ def worker_args(
         "--metrics-port", "0", "--attribution-window", "120", "--progress-interval", "5",
         "--session-timeout", "6",
     ]  # fmt: skip
+    if round_records is not None:
+        args += ["--round-records", str(round_records)]
     return args + (["--sync-topic", sync, "--round-timeout", "1"] if sync else [])
 
 
@@ -199,15 +207,25 @@ def scrape(url: str) -> dict[str, float]:
     return {m[0]: float(m[1]) for m in re.findall(r"^(stream_fm_cluster_\w+) (\S+)$", text, re.M)}
 
 
-def run(bootstrap: str, topic: str, ends: dict[int, int], members: int | None, tmp: Path) -> dict:
-    """One run to the end of the topic: a single worker (``members`` None) or a cluster."""
+def run(
+    bootstrap: str,
+    topic: str,
+    ends: dict[int, int],
+    members: int | None,
+    tmp: Path,
+    round_records: int | None = None,
+) -> dict:
+    """One run to the end of the topic: a single worker (``members`` None) or a cluster (of
+    rounds of ``round_records``; None: a new cluster's default)."""
     tag = f"single-{time.time_ns()}" if members is None else f"sync-{members}-{time.time_ns()}"
     roots = [tmp / f"{tag}-{i}" for i in range(members or 1)]
     log = tmp / f"{tag}.log"
     with open(log, "ab") as out:
         procs = [
             subprocess.Popen(
-                worker_args(bootstrap, topic, r, tag if members else None, tag), stdout=out, stderr=out
+                worker_args(bootstrap, topic, r, tag if members else None, tag, round_records=round_records),
+                stdout=out,
+                stderr=out,
             )
             for r in roots
         ]
@@ -346,17 +364,22 @@ def warm() -> None:
         snapshot.restore(Path(d) / snapshot.latest_name(d))
 
 
-def cost(bootstrap: str, n: int, repeat: int = 1, rate: float = 50.0) -> dict:
+def cost(
+    bootstrap: str, n: int, repeat: int = 1, rate: float = 50.0, other_rounds: tuple[int, ...] = ()
+) -> dict:
     warm()
     topic = ensure_topic(bootstrap, n, PARTITIONS, rate)
     ends = end_offsets(bootstrap, topic)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        configs = {"single worker": None} | {f"cluster, {m} member{'s' * (m > 1)}": m for m in (1, 2, 3)}
+        configs: dict[str, tuple[int | None, int | None]] = {"single worker": (None, None)}
+        configs |= {f"cluster, {m} member{'s' * (m > 1)}": (m, None) for m in (1, 2, 3)}
+        # three members at other round lengths: what the default's length saves
+        configs |= {f"cluster, 3 members, rounds of {r:,}": (3, r) for r in other_rounds}
         tries: dict[str, list[dict]] = {name: [] for name in configs}
         for _ in range(repeat):  # interleaved, so that a slow spell of the machine hits every config
-            for name, members in configs.items():
-                tries[name].append(run(bootstrap, topic, ends, members, tmp))
+            for name, (members, round_records) in configs.items():
+                tries[name].append(run(bootstrap, topic, ends, members, tmp, round_records))
         # each config's run of median CPU
         runs = {name: sorted(t, key=lambda r: r["cpu"])[len(t) // 2] for name, t in tries.items()}
         spread = {name: [round(1e6 * r["cpu"] / n, 1) for r in t] for name, t in tries.items()}
@@ -434,6 +457,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, nargs="*", default=[500, 2000, 4000, 8000, DEFAULT_ROUND])
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-cost", action="store_true")
+    parser.add_argument(
+        "--cost-rounds",
+        type=int,
+        nargs="*",
+        default=[4000],
+        help="other round lengths to run three members at, beside the default's (CPU per event)",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="runs of each cost config (median shown)")
     parser.add_argument(
         "--event-rate", type=float, default=50.0,
@@ -449,7 +479,7 @@ def main() -> None:
     if not args.skip_cost:
         rate = f"{args.event_rate:g} impressions a second of event time"
         print(f"## Cost: {args.events:,} demo events ({rate}) on {PARTITIONS} partitions\n")
-        result = cost(broker(), args.events, args.repeat, args.event_rate)
+        result = cost(broker(), args.events, args.repeat, args.event_rate, tuple(args.cost_rounds))
         print("\n## Scale, on paper\n")
         scale(result)
 
