@@ -9,8 +9,10 @@ import pytest
 from stream_fm import ConfigError, SparseFM
 from stream_fm.cluster.delta import Delta, encode
 from stream_fm.cluster.ledger import Boundary, Ledger
+from stream_fm.cluster.member import ROUND_RECORDS
 from stream_fm.cluster.sync import GENESIS_FORMAT, decode_genesis, encode_genesis
 from stream_fm.errors import DeltaError
+from stream_fm.ops.settings import SETTINGS
 
 MODEL = SparseFM().get_config()
 GENESIS = {
@@ -93,6 +95,12 @@ def test_a_member_without_a_round_length_of_its_own_takes_the_clusters():
     assert ledger.round_records == 100
     with pytest.raises(ConfigError, match=r"model.*n_factors"):
         ledger.check("sync", None, {**MODEL, "n_factors": 4})
+
+
+def test_the_settings_reference_names_a_new_clusters_round_length():
+    """The help of ``cluster.round_records`` (README, ``--help``) says what a new cluster takes."""
+    (setting,) = [s for s in SETTINGS if s.key == "cluster.round_records"]
+    assert f"{ROUND_RECORDS} for a new one" in setting.help
 
 
 def test_a_cluster_begun_before_a_setting_existed_has_it_as_that_release_learned():
