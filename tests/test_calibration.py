@@ -177,10 +177,10 @@ def test_a_state_written_before_calibration_loads_and_continues_exactly():
     """state_format 2 (a dense state of three numbers) is migrated: the model is made without
     calibration, as it was, and predicts and learns on bit for bit."""
     stream = _ids_stream(1200, seed=8, signal=0.8, ctr=0.2)
-    old = SparseFM(seed=2, calibrate=False, center=False)
+    old = SparseFM(seed=2, calibrate=False, center=False, dense_factors=False)
     _learn(old, stream[:600])
     arrays, meta = old.export_state()
-    later = ("calibrate", "center", "average_intercept")
+    later = ("calibrate", "center", "average_intercept", "dense_factors")
     config = {k: v for k, v in meta["config"].items() if k not in later}
     v2_meta = {**meta, "state_format": 2, "config": config}
     v2 = SparseFM.from_state({**arrays, "bias": arrays["bias"][:3], "gV": arrays["gV"][:, :9]}, v2_meta)

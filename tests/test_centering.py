@@ -112,15 +112,16 @@ def test_a_state_written_before_centring_loads_and_continues_exactly():
     neither setting) is migrated: the model is made with both off, as it was, and goes on bit
     for bit."""
     stream = _table(1200, seed=8, offset=40.0)
-    old = SparseFM(seed=2, center=False, average_intercept=False)
+    old = SparseFM(seed=2, center=False, average_intercept=False, dense_factors=False)
     _learn(old, stream[:600])
     arrays, meta = old.export_state()
-    config = {k: v for k, v in meta["config"].items() if k not in ("center", "average_intercept")}
+    later = ("center", "average_intercept", "dense_factors")
+    config = {k: v for k, v in meta["config"].items() if k not in later}
     v3 = SparseFM.from_state(
         {**arrays, "bias": arrays["bias"][:B_W0_REPORT], "gV": arrays["gV"][:, : old.n_factors + 1]},
         {**meta, "state_format": 3, "config": config},
     )
-    assert (v3.calibrate, v3.center, v3.average_intercept) == (True, False, False)
+    assert (v3.calibrate, v3.center, v3.average_intercept, v3.dense_factors) == (True, False, False, False)
     assert np.array_equal(_learn(v3, stream[600:]), _learn(old, stream[600:]))
     assert state_equal(v3, old)
 

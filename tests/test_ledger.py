@@ -83,7 +83,7 @@ def test_a_member_with_other_settings_is_refused_naming_the_key():
     ledger.check("sync", 100, MODEL)
     with pytest.raises(ConfigError, match=r"cluster\.round_records.*2000.*100"):
         ledger.check("sync", 2000, MODEL)
-    with pytest.raises(ConfigError, match=r"model.*n_factors"):
+    with pytest.raises(ConfigError, match=r"^model\.n_factors='4' is not allowed: .*began: 8 "):
         ledger.check("sync", 100, {**MODEL, "n_factors": 4})
 
 
@@ -93,7 +93,7 @@ def test_a_member_without_a_round_length_of_its_own_takes_the_clusters():
     ledger = Ledger(GENESIS)
     ledger.check("sync", None, MODEL)
     assert ledger.round_records == 100
-    with pytest.raises(ConfigError, match=r"model.*n_factors"):
+    with pytest.raises(ConfigError, match=r"^model\.n_factors='4' is not allowed"):
         ledger.check("sync", None, {**MODEL, "n_factors": 4})
 
 
@@ -104,14 +104,19 @@ def test_the_settings_reference_names_a_new_clusters_round_length():
 
 
 def test_a_cluster_begun_before_a_setting_existed_has_it_as_that_release_learned():
-    """A genesis written before ``nonnegative_gains`` existed: the cluster learns without it, so a
-    member with today's default is refused naming it, and one configured as the cluster is not."""
-    earlier = {k: v for k, v in MODEL.items() if k != "nonnegative_gains"}
+    """A genesis written before ``nonnegative_gains`` and ``dense_factors`` existed: the cluster
+    learns without them, so a member with today's defaults is refused naming them, and one
+    configured as the cluster is not."""
+    later = {"nonnegative_gains": False, "dense_factors": False}
+    earlier = {k: v for k, v in MODEL.items() if k not in later}
     ledger = Ledger({**GENESIS, "model": earlier})
-    assert ledger.genesis["model"] == {**MODEL, "nonnegative_gains": False}
-    with pytest.raises(ConfigError, match=r"model.*nonnegative_gains"):
+    assert ledger.genesis["model"] == {**MODEL, **later}
+    said = r"^model\.dense_factors, model\.nonnegative_gains='true, true' is not allowed: .*: false, false "
+    with pytest.raises(ConfigError, match=said):
         ledger.check("sync", 100, MODEL)
-    ledger.check("sync", 100, {**MODEL, "nonnegative_gains": False})
+    with pytest.raises(ConfigError, match=r"^model\.dense_factors='true' is not allowed"):
+        ledger.check("sync", 100, {**MODEL, "nonnegative_gains": False})
+    ledger.check("sync", 100, {**MODEL, **later})
 
 
 def test_a_cluster_of_the_earlier_format_is_refused_naming_both_formats():

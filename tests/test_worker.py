@@ -178,9 +178,10 @@ PREVIOUS_DEFAULTS = {  # the normalized optimizer's settings before calibration 
 # what each earlier format lacked: its length of the dense state, the columns after a normalized
 # row's factor accumulators, and the settings it came before (each made with them off)
 _EARLIER = {
-    2: (3, 1, ("calibrate", "center", "average_intercept", "nonnegative_gains")),
-    3: (17, 1, ("center", "average_intercept", "nonnegative_gains")),
-    4: (20, 2, ("nonnegative_gains",)),
+    2: (3, 1, ("calibrate", "center", "average_intercept", "nonnegative_gains", "dense_factors")),
+    3: (17, 1, ("center", "average_intercept", "nonnegative_gains", "dense_factors")),
+    4: (20, 2, ("nonnegative_gains", "dense_factors")),
+    5: (20, 2, ("dense_factors",)),
 }
 
 
@@ -215,6 +216,7 @@ def _as_state_format(path: Path, version: int) -> None:
         (3, {}, ["center: snapshot False, configured True",
                  "average_intercept: snapshot False, configured True"]),
         (4, {}, ["nonnegative_gains: snapshot False, configured True"]),
+        (5, {}, ["dense_factors: snapshot False, configured True"]),
     ],
 )  # fmt: skip
 def test_a_snapshot_of_a_previous_release_is_served_refused_with_new_defaults_and_continued(

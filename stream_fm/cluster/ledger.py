@@ -69,17 +69,22 @@ class Ledger:
                 f"this release reads format {GENESIS_FORMAT} (rounds of samples): start a new sync topic "
                 "and give the members empty snapshot directories",
             )
-        ours = {"round_records": round_records, "model": json.loads(json.dumps(model_config))}
-        for key, value in ours.items():
-            if value is None:
-                continue
-            if self.genesis[key] != value:
-                raise ConfigError(
-                    f"cluster.{key}" if key == "round_records" else "model",
-                    json.dumps(value),
-                    f"the cluster's, as its sync topic {sync_topic!r} began: "
-                    f"{json.dumps(self.genesis[key])} (every member runs with the same settings)",
-                )
+        began = f"the cluster's, as its sync topic {sync_topic!r} began"
+        if round_records is not None and self.genesis["round_records"] != round_records:
+            raise ConfigError(
+                "cluster.round_records",
+                json.dumps(round_records),
+                f"{began}: {self.genesis['round_records']} (every member runs with the same settings)",
+            )
+        ours, theirs = json.loads(json.dumps(model_config)), self.genesis["model"]
+        differ = sorted(name for name in ours.keys() | theirs.keys() if ours.get(name) != theirs.get(name))
+        if differ:  # named one by one: a whole config, dumped, hides which setting it is
+            cluster = ", ".join(json.dumps(theirs.get(name)) for name in differ)
+            raise ConfigError(
+                ", ".join(f"model.{name}" for name in differ),
+                ", ".join(json.dumps(ours.get(name)) for name in differ),
+                f"{began}: {cluster} (every member runs with the same settings)",
+            )
 
     def read(self, offset: int, message: bytes) -> Delta | None:
         """Take one sync message; the delta it completes, if that delta counts."""

@@ -82,6 +82,11 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
     nonnegative_gains
         The calibration's gains on w0 and on the two parts stop at 0 rather than turn a part the
         model learned upside down (a part that carries noise gets 0). None: on with ``calibrate``.
+    dense_factors
+        The normalized optimizer's latent vectors of a feature present in many of the samples so
+        far (20% or more) start from 1/8 of ``initial_accumulator`` (5% or less: all of it):
+        their gradients are small while the vectors are, and the full damping, meant for a rare
+        id's first steps, would hold them back for hundreds. None: on with ``"normalized"``.
     l2_w, l2_v
         L2 penalties on the linear weights and on the latent vectors, >= 0, applied (lazily) to
         the rows a sample touches.
@@ -145,6 +150,7 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
         center: bool | None = None,
         average_intercept: bool | None = None,
         nonnegative_gains: bool | None = None,
+        dense_factors: bool | None = None,
         l2_w: float = 0.0,
         l2_v: float = 1e-4,
         init_std: float = 0.02,
@@ -178,6 +184,7 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
         cal = self.calibrate  # the calibration's refinements are on with it
         self.average_intercept = switch("average_intercept", average_intercept, cal, "on with calibrate")
         self.nonnegative_gains = switch("nonnegative_gains", nonnegative_gains, cal, "on with calibrate")
+        self.dense_factors = switch("dense_factors", dense_factors, normalized, "on with normalized")
         self.l2_w = checks.check_float("l2_w", l2_w)
         self.l2_v = checks.check_float("l2_v", l2_v)
         self.init_std = checks.check_float("init_std", init_std)
@@ -200,7 +207,7 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
         hp = [self.learning_rate, self.l2_w, self.l2_v, self.clip_gradient, _ADAGRAD_EPS, self.init_std,
               self.bias_learning_rate, self.initial_accumulator, self.factor_learning_rate,
               float(self.calibrate), float(self.center), float(self.average_intercept),
-              float(self.nonnegative_gains)]  # fmt: skip
+              float(self.nonnegative_gains), float(self.dense_factors)]  # fmt: skip
         self._hp = np.array(hp)  # updates.HP_*
         self._seed64 = np.uint64(self.seed)
         self._hashing = fastpath.hashing(self.seed, self.hash_bits)
@@ -403,5 +410,5 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
 # the constructor's arguments, in its order
 _PARAMS = ("n_factors", "optimizer", "learning_rate", "bias_learning_rate", "factor_learning_rate",
            "initial_accumulator", "calibrate", "center", "average_intercept", "nonnegative_gains",
-           "l2_w", "l2_v", "init_std", "clip_gradient", "max_features", "min_count",
-           "admission_capacity", "hash_bits", "seed")  # fmt: skip
+           "dense_factors", "l2_w", "l2_v", "init_std", "clip_gradient", "max_features",
+           "min_count", "admission_capacity", "hash_bits", "seed")  # fmt: skip

@@ -17,7 +17,7 @@ from stream_fm.model.keyindex import KeyIndex, decode_keys, encode_keys, gather_
 
 __all__ = ["STATE_FORMAT", "StateCapture", "StateIO", "as_made", "upgrade_bias"]
 
-STATE_FORMAT = 5
+STATE_FORMAT = 6
 # Earlier formats are read and migrated: their dense state ("bias") is shorter, and gets the rest
 # of today's from a new model's (``_kernels.fresh_bias``):
 # 1: before the normalized optimizer (bias [w0, accumulator]; the sum of sample norms 0: format 1
@@ -28,10 +28,14 @@ STATE_FORMAT = 5
 #    has one column after its factor accumulators, N, and not its sum of x; the model is made
 #    with ``center=False`` and ``average_intercept=False``: it predicts and learns on exactly as
 #    before);
-# 4: before the calibration's gains were kept from going below 0 (the layout is today's; the model
-#    is made with ``nonnegative_gains=False``: it predicts and learns on exactly as before).
-READABLE_FORMATS = (1, 2, 3, 4, 5)
-_BIAS_LENGTHS = {1: 2, 2: 3, 3: _kernels.B_W0_REPORT, 4: _kernels.BIAS_SIZE, 5: _kernels.BIAS_SIZE}
+# 4: before the calibration's gains were kept from going below 0 (the model is made with
+#    ``nonnegative_gains=False``: it predicts and learns on exactly as before);
+# 5: before ``dense_factors`` (a normalized row had two columns after its accumulators, N and its
+#    sum of x, and not its count; the model is made with ``dense_factors=False``, which keeps no
+#    count: it predicts and learns on exactly as before).
+READABLE_FORMATS = (1, 2, 3, 4, 5, 6)
+_BIAS_LENGTHS = {1: 2, 2: 3, 3: _kernels.B_W0_REPORT, 4: _kernels.BIAS_SIZE, 5: _kernels.BIAS_SIZE,
+                 6: _kernels.BIAS_SIZE}  # fmt: skip
 
 
 # the settings each state_format added, with the value that keeps a model made before it as it was
@@ -39,6 +43,7 @@ _ADDED_SETTINGS = {
     3: {"calibrate": False},
     4: {"center": False, "average_intercept": False},
     5: {"nonnegative_gains": False},
+    6: {"dense_factors": False},
 }
 
 
@@ -150,10 +155,11 @@ class StateIO:
         if "bias" in arrays:
             arrays = {**arrays, "bias": upgrade_bias(arrays["bias"], version)}
         width = model._gV.shape[1]
-        if version < 4 and width > k + 1 and "gV" in arrays and arrays["gV"].shape == (n, k + 1):
-            # a normalized row had one column after its accumulators (N); the new ones start at 0
+        before = k + 1 if version < 4 else k + 2 if version < 6 else width  # an earlier format's columns
+        if before < width and "gV" in arrays and arrays["gV"].shape == (n, before):
+            # a normalized row had fewer columns after its accumulators; the new ones start at 0
             gV = np.zeros((n, width))
-            gV[:, : k + 1] = arrays["gV"]
+            gV[:, :before] = arrays["gV"]
             arrays = {**arrays, "gV": gV}
         expect = {"bias": (model._bias.shape[0],), "w": (n,), "V": (n, k), "last": (n,)}
         if model._gw.shape[0]:
