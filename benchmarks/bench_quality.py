@@ -168,7 +168,8 @@ def _grid_point(settings: dict) -> float:
 
 # The ablations: the defaults with one part of the learner switched off
 ABLATIONS = {"calibrate off": {"calibrate": False}, "center off": {"center": False},
-             "average_intercept off": {"average_intercept": False}}  # fmt: skip
+             "average_intercept off": {"average_intercept": False},
+             "dense_factors off": {"dense_factors": False}}  # fmt: skip
 Robustness = tuple[float, dict, float, dict[str, float]]
 
 
