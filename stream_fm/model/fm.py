@@ -30,7 +30,6 @@ from stream_fm.model.state import StateCapture, StateIO
 
 __all__ = ["SparseFM", "StateCapture", "encode_rows"]
 
-_ADAGRAD_EPS = 1e-8
 _DEFAULT_RATES = {"normalized": 2.0, "adagrad": 0.06, "sgd": 0.06}
 _DEFAULT_BIAS_RATE = 1.5
 _DEFAULT_FACTOR_RATE = 1.0
@@ -83,10 +82,9 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
         The calibration's gains on w0 and on the two parts stop at 0 rather than turn a part the
         model learned upside down (a part that carries noise gets 0). None: on with ``calibrate``.
     dense_factors
-        The normalized optimizer's latent vectors of a feature present in many of the samples so
-        far (20% or more) start from 1/8 of ``initial_accumulator`` (5% or less: all of it):
-        their gradients are small while the vectors are, and the full damping, meant for a rare
-        id's first steps, would hold them back for hundreds. None: on with ``"normalized"``.
+        The latent vectors of a feature in 20% or more of the samples so far start from 1/8 of
+        ``initial_accumulator`` (5% or less: all of it): their first gradients are small, and
+        the full damping, meant for a rare id, holds them back. None: on with ``"normalized"``.
     l2_w, l2_v
         L2 penalties on the linear weights and on the latent vectors, >= 0, applied (lazily) to
         the rows a sample touches.
@@ -204,11 +202,7 @@ class SparseFM(Rows, StateIO, fastpath.Bound, base.Classifier):
             )
 
         self._opt = updates.OPTIMIZERS[optimizer]
-        hp = [self.learning_rate, self.l2_w, self.l2_v, self.clip_gradient, _ADAGRAD_EPS, self.init_std,
-              self.bias_learning_rate, self.initial_accumulator, self.factor_learning_rate,
-              float(self.calibrate), float(self.center), float(self.average_intercept),
-              float(self.nonnegative_gains), float(self.dense_factors)]  # fmt: skip
-        self._hp = np.array(hp)  # updates.HP_*
+        self._hp = updates.hyperparameters(self)
         self._seed64 = np.uint64(self.seed)
         self._hashing = fastpath.hashing(self.seed, self.hash_bits)
         # [skipped, newly trained rows, samples seen, rows handed out]: written by kernels

@@ -43,6 +43,7 @@ non-finite value anywhere is skipped whole (counted), whatever the optimizer.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numba as nb
 import numpy as np
@@ -62,7 +63,8 @@ from stream_fm.model._kernels import (
 )
 from stream_fm.model.calibration import step as calibration_step
 
-__all__ = ["HP_SIZE", "OPTIMIZERS", "OPT_ADAGRAD", "OPT_NORMALIZED", "OPT_SGD", "extra_columns", "learn"]
+__all__ = ["HP_SIZE", "OPTIMIZERS", "OPT_ADAGRAD", "OPT_NORMALIZED", "OPT_SGD", "extra_columns",
+           "hyperparameters", "learn"]  # fmt: skip
 
 OPT_SGD, OPT_ADAGRAD, OPT_NORMALIZED = 0, 1, 2
 OPTIMIZERS = {"normalized": OPT_NORMALIZED, "adagrad": OPT_ADAGRAD, "sgd": OPT_SGD}
@@ -85,6 +87,17 @@ DENSE_ACCUMULATOR = 0.125
 DENSE_SHARES = (0.05, 0.2)
 
 _DBL_MAX = np.finfo(np.float64).max
+# AdaGrad's epsilon (``"adagrad"``: the accumulator's floor under the square root)
+ADAGRAD_EPS = 1e-8
+
+
+def hyperparameters(model: Any) -> np.ndarray:
+    """A model's settings as the kernels read them (``HP_*``: one array keeps the numba call cheap)."""
+    m = model
+    return np.array([m.learning_rate, m.l2_w, m.l2_v, m.clip_gradient, ADAGRAD_EPS, m.init_std,
+                     m.bias_learning_rate, m.initial_accumulator, m.factor_learning_rate,
+                     float(m.calibrate), float(m.center), float(m.average_intercept),
+                     float(m.nonnegative_gains), float(m.dense_factors)])  # fmt: skip
 
 
 def extra_columns(opt: int) -> int:
