@@ -31,6 +31,17 @@ def categorical_stream(n: int, seed: int) -> list[tuple[dict, bool]]:
     return out
 
 
+def learn_stream(model: SparseFM, stream: list[tuple[dict, bool]]) -> np.ndarray:
+    """Learn ``stream`` in one ``learn_batch``; each sample's probability before its update."""
+    return model.learn_batch([x for x, _ in stream], [y for _, y in stream])
+
+
+def log_loss(p: np.ndarray, stream: list[tuple[dict, bool]]) -> float:
+    """The mean log loss of probabilities ``p`` on ``stream``'s labels."""
+    y = np.array([label for _, label in stream], float)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
 def assert_batch_equals_loop(
     make: Callable[[], SparseFM], stream: list[tuple[dict, bool]], chunk: int
 ) -> None:

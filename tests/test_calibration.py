@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from helpers import assert_batch_equals_loop, state_equal
+from helpers import assert_batch_equals_loop, learn_stream, log_loss, state_equal
 
 from stream_fm import ConfigError, SparseFM
 from stream_fm.model._kernels import (
@@ -80,10 +80,6 @@ class _Reference:
             self.means += (np.array([lin, pair]) - self.means) / self.n
 
 
-def _learn(model: SparseFM, stream) -> np.ndarray:
-    return model.learn_batch([x for x, _ in stream], [y for _, y in stream])
-
-
 @pytest.mark.parametrize(
     ("average", "center", "nonnegative"),
     [(True, True, True), (False, True, True), (True, False, True), (True, True, False)],
@@ -108,7 +104,7 @@ def test_reports_are_the_calibrated_score_of_the_model_before_each_sample(averag
         plain.learn_one(x, y)
         w0_report = w0_report + 2 * (plain.w0 - w0_report) / (n + 1) if average else plain.w0
     calibrated = SparseFM(seed=4, average_intercept=average, center=center, nonnegative_gains=nonnegative)
-    got = _learn(calibrated, stream)
+    got = learn_stream(calibrated, stream)
     np.testing.assert_allclose(got, expected, rtol=1e-10, atol=0)
     bias = calibrated._bias
     np.testing.assert_allclose(bias[[B_GAIN0, B_LIN, B_PAIR, B_OFF]], ref.theta, rtol=1e-9, atol=1e-12)
@@ -124,7 +120,7 @@ def test_reports_are_the_calibrated_score_of_the_model_before_each_sample(averag
 def test_calibration_does_not_change_what_the_model_learns():
     stream = _ids_stream(2000, seed=2, signal=0.5, ctr=0.1)
     on, off = SparseFM(seed=7), SparseFM(seed=7, calibrate=False)
-    p_on, p_off = _learn(on, stream), _learn(off, stream)
+    p_on, p_off = learn_stream(on, stream), learn_stream(off, stream)
     assert not np.array_equal(p_on, p_off)
     a_on, _ = on.export_state()
     a_off, _ = off.export_state()
@@ -148,29 +144,24 @@ def test_without_calibration_a_report_is_sigma_of_y_hat_and_the_state_stays_the_
     assert SparseFM(optimizer="adagrad").calibrate is False and SparseFM().calibrate is True
 
 
-def _log_loss(p: np.ndarray, stream) -> float:
-    y = np.array([label for _, label in stream], float)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-
-
 def test_features_that_carry_only_noise_are_shrunk():
     """Rare clicks, ids that say nothing: the gain on the linear part falls far below 1 and the
     calibrated reports beat the model's own."""
     stream = _ids_stream(30_000, seed=5, signal=0.0, ctr=0.01, fields=6, values=30)
     model = SparseFM(seed=0)
-    on = _learn(model, stream)
-    off = _learn(SparseFM(seed=0, calibrate=False), stream)
+    on = learn_stream(model, stream)
+    off = learn_stream(SparseFM(seed=0, calibrate=False), stream)
     assert model._bias[B_LIN] < 0.5
-    assert _log_loss(on, stream) < 0.99 * _log_loss(off, stream)
+    assert log_loss(on, stream) < 0.99 * log_loss(off, stream)
 
 
 def test_a_model_that_learns_too_timidly_is_scaled_up():
     stream = _ids_stream(20_000, seed=6, signal=1.0, ctr=0.3)
     on = SparseFM(seed=0, learning_rate=0.05, factor_learning_rate=0.05)
     off = SparseFM(seed=0, learning_rate=0.05, factor_learning_rate=0.05, calibrate=False)
-    p_on, p_off = _learn(on, stream), _learn(off, stream)
+    p_on, p_off = learn_stream(on, stream), learn_stream(off, stream)
     assert on._bias[B_LIN] > 1.5
-    assert _log_loss(p_on, stream) < 0.98 * _log_loss(p_off, stream)
+    assert log_loss(p_on, stream) < 0.98 * log_loss(p_off, stream)
 
 
 def test_a_state_written_before_calibration_loads_and_continues_exactly():
@@ -178,14 +169,14 @@ def test_a_state_written_before_calibration_loads_and_continues_exactly():
     calibration, as it was, and predicts and learns on bit for bit."""
     stream = _ids_stream(1200, seed=8, signal=0.8, ctr=0.2)
     old = SparseFM(seed=2, calibrate=False, center=False, dense_factors=False)
-    _learn(old, stream[:600])
+    learn_stream(old, stream[:600])
     arrays, meta = old.export_state()
     later = ("calibrate", "center", "average_intercept", "dense_factors")
     config = {k: v for k, v in meta["config"].items() if k not in later}
     v2_meta = {**meta, "state_format": 2, "config": config}
     v2 = SparseFM.from_state({**arrays, "bias": arrays["bias"][:3], "gV": arrays["gV"][:, :9]}, v2_meta)
     assert v2.calibrate is False
-    assert np.array_equal(_learn(v2, stream[600:]), _learn(old, stream[600:]))
+    assert np.array_equal(learn_stream(v2, stream[600:]), learn_stream(old, stream[600:]))
     assert state_equal(v2, old)
     with pytest.raises(ConfigError, match=r"state array 'bias'.*shape \(3,\) in state_format 2"):
         SparseFM.from_state({**arrays, "bias": arrays["bias"][:5]}, v2_meta)

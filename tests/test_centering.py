@@ -7,20 +7,11 @@ import math
 
 import numpy as np
 import pytest
-from helpers import assert_batch_equals_loop, categorical_stream, state_equal
+from helpers import assert_batch_equals_loop, categorical_stream, learn_stream, log_loss, state_equal
 
 from stream_fm import ConfigError, SparseFM
 from stream_fm.model._kernels import B_W0, B_W0_REPORT
 from stream_fm.model.updates import COL_SUM
-
-
-def _learn(model: SparseFM, stream) -> np.ndarray:
-    return model.learn_batch([x for x, _ in stream], [y for _, y in stream])
-
-
-def _log_loss(p: np.ndarray, stream) -> float:
-    y = np.array([label for _, label in stream], float)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
 def _table(n: int, seed: int, offset: float) -> list[tuple[dict, bool]]:
@@ -44,7 +35,7 @@ def test_the_intercept_takes_the_other_side_of_a_centred_step():
     change."""
     stream = _table(300, seed=1, offset=40.0)
     on = SparseFM(seed=3, average_intercept=False)
-    _learn(on, stream[:299])
+    learn_stream(on, stream[:299])
     arrays, meta = on.export_state()
     off = SparseFM.from_state(arrays, {**meta, "config": {**meta["config"], "center": False}})
     x, y = stream[299]
@@ -71,7 +62,7 @@ def test_a_feature_in_every_sample_leaves_the_base_rate_to_the_intercept():
     rate, learned twice over."""
     stream = [({**x, "always": "on"}, y) for x, y in categorical_stream(3000, 2)]
     on, off = SparseFM(seed=1), SparseFM(seed=1, center=False)
-    _learn(on, stream), _learn(off, stream)
+    learn_stream(on, stream), learn_stream(off, stream)
     row = on._index.as_dict()["always=on"]
     assert abs(on._w[row]) < 1e-12  # rounding of 1 - mean aside
     assert abs(off._w[row]) > 0.2 * abs(off._bias[B_W0])
@@ -83,9 +74,9 @@ def test_a_number_far_from_zero_costs_little_with_centring():
     (The scale is still the largest |x|: a number whose spread is tiny next to its size, a
     year, learns slowly either way.)"""
     near, far = _table(20_000, seed=4, offset=0.0), _table(20_000, seed=4, offset=40.0)
-    on_near = _log_loss(_learn(SparseFM(seed=0), near), near)
-    on_far = _log_loss(_learn(SparseFM(seed=0), far), far)
-    off_far = _log_loss(_learn(SparseFM(seed=0, center=False), far), far)
+    on_near = log_loss(learn_stream(SparseFM(seed=0), near), near)
+    on_far = log_loss(learn_stream(SparseFM(seed=0), far), far)
+    off_far = log_loss(learn_stream(SparseFM(seed=0, center=False), far), far)
     assert on_far < 1.01 * on_near
     assert off_far - on_near > 2 * (on_far - on_near)
     assert on_far < 0.995 * off_far
@@ -102,8 +93,8 @@ def test_the_averaged_intercept_steadies_reports_when_clicks_are_rare():
     stream = [({"a": f"v{rng.integers(500)}", "b": f"w{rng.integers(50)}"}, bool(rng.random() < 0.005))
               for _ in range(30_000)]  # fmt: skip
     averaged = SparseFM(seed=0)
-    on, off = _learn(averaged, stream), _learn(SparseFM(seed=0, average_intercept=False), stream)
-    assert _log_loss(on, stream) < 0.997 * _log_loss(off, stream)
+    on, off = learn_stream(averaged, stream), learn_stream(SparseFM(seed=0, average_intercept=False), stream)
+    assert log_loss(on, stream) < 0.997 * log_loss(off, stream)
     assert averaged._bias[B_W0_REPORT] != averaged._bias[B_W0]
 
 
@@ -113,7 +104,7 @@ def test_a_state_written_before_centring_loads_and_continues_exactly():
     for bit."""
     stream = _table(1200, seed=8, offset=40.0)
     old = SparseFM(seed=2, center=False, average_intercept=False, dense_factors=False)
-    _learn(old, stream[:600])
+    learn_stream(old, stream[:600])
     arrays, meta = old.export_state()
     later = ("center", "average_intercept", "dense_factors")
     config = {k: v for k, v in meta["config"].items() if k not in later}
@@ -122,7 +113,7 @@ def test_a_state_written_before_centring_loads_and_continues_exactly():
         {**meta, "state_format": 3, "config": config},
     )
     assert (v3.calibrate, v3.center, v3.average_intercept, v3.dense_factors) == (True, False, False, False)
-    assert np.array_equal(_learn(v3, stream[600:]), _learn(old, stream[600:]))
+    assert np.array_equal(learn_stream(v3, stream[600:]), learn_stream(old, stream[600:]))
     assert state_equal(v3, old)
 
 

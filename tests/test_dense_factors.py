@@ -8,19 +8,10 @@ import math
 
 import numpy as np
 import pytest
-from helpers import assert_batch_equals_loop, state_equal
+from helpers import assert_batch_equals_loop, learn_stream, log_loss, state_equal
 
 from stream_fm import ConfigError, SparseFM
 from stream_fm.model.updates import COL_COUNT, DENSE_ACCUMULATOR, DENSE_SHARES
-
-
-def _learn(model: SparseFM, stream) -> np.ndarray:
-    return model.learn_batch([x for x, _ in stream], [y for _, y in stream])
-
-
-def _log_loss(p: np.ndarray, stream) -> float:
-    y = np.array([label for _, label in stream], float)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
 def _dense_table(n: int, seed: int) -> list[tuple[dict, bool]]:
@@ -44,7 +35,7 @@ def test_a_dense_row_takes_larger_first_steps_and_a_rare_one_the_same():
     the step), a feature seen for the first time after many samples exactly as far."""
     stream = _dense_table(60, seed=1)
     on = SparseFM(seed=3)
-    _learn(on, stream)
+    learn_stream(on, stream)
     arrays, meta = on.export_state()
     off = SparseFM.from_state(arrays, {**meta, "config": {**meta["config"], "dense_factors": False}})
     x = {"f0": 1.0, "f1": 1.0, "f2": 1.0, "id": "never-seen"}
@@ -73,8 +64,8 @@ def test_small_dense_streams_learn_their_interactions_sooner():
     ratios = []
     for seed in range(2, 8):
         stream = _dense_table(1500, seed=seed)
-        on = _log_loss(_learn(SparseFM(seed=0), stream), stream)
-        off = _log_loss(_learn(SparseFM(seed=0, dense_factors=False), stream), stream)
+        on = log_loss(learn_stream(SparseFM(seed=0), stream), stream)
+        off = log_loss(learn_stream(SparseFM(seed=0, dense_factors=False), stream), stream)
         ratios.append(on / off)
     assert np.mean(ratios) < 0.99
     assert max(ratios) < 1.005
@@ -89,7 +80,7 @@ def test_the_count_is_kept_only_with_it():
     there and goes on bit for bit (tests/test_worker.py)."""
     stream = _dense_table(300, seed=4)
     on, off = SparseFM(seed=1), SparseFM(seed=1, dense_factors=False)
-    _learn(on, stream), _learn(off, stream)
+    learn_stream(on, stream), learn_stream(off, stream)
     k = on.n_factors
     row = on._index.as_dict()["f0"]
     assert on._gV[row, k + COL_COUNT] == sum("f0" in x for x, _ in stream)
@@ -102,14 +93,14 @@ def test_a_state_written_before_it_loads_and_continues_exactly():
     migrated: the model is made with it off, as it was, and goes on bit for bit."""
     stream = _dense_table(800, seed=6)
     old = SparseFM(seed=2, dense_factors=False)
-    _learn(old, stream[:400])
+    learn_stream(old, stream[:400])
     arrays, meta = old.export_state()
     config = {key: v for key, v in meta["config"].items() if key != "dense_factors"}
     v5 = SparseFM.from_state(
         {**arrays, "gV": arrays["gV"][:, : old.n_factors + 2]}, {**meta, "state_format": 5, "config": config}
     )
     assert v5.dense_factors is False
-    assert np.array_equal(_learn(v5, stream[400:]), _learn(old, stream[400:]))
+    assert np.array_equal(learn_stream(v5, stream[400:]), learn_stream(old, stream[400:]))
     assert state_equal(v5, old)
 
 

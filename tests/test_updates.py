@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import assert_batch_equals_loop, categorical_stream, state_equal
+from helpers import assert_batch_equals_loop, categorical_stream, learn_stream, state_equal
 
 from stream_fm import ConfigError, SparseFM
 from stream_fm.model.updates import COL_SCALE
@@ -15,20 +15,16 @@ def _scaled(stream: list[tuple[dict, bool]], factor: float) -> list[tuple[dict, 
     return [({**x, "price": x["price"] * factor}, y) for x, y in stream]
 
 
-def _run(model: SparseFM, stream: list[tuple[dict, bool]]) -> np.ndarray:
-    return model.learn_batch([x for x, _ in stream], [y for _, y in stream])
-
-
 @pytest.mark.parametrize("factor", [1e-3, 1e3, 1e5])
 def test_normalized_learning_does_not_depend_on_the_unit_of_a_number(factor):
     """A price in cents or in millions: the same predictions, to rounding (VW's --normalized)."""
     stream = categorical_stream(3000, seed=4)
-    base = _run(SparseFM(seed=1, l2_w=1e-3), stream)
-    scaled = _run(SparseFM(seed=1, l2_w=1e-3), _scaled(stream, factor))
+    base = learn_stream(SparseFM(seed=1, l2_w=1e-3), stream)
+    scaled = learn_stream(SparseFM(seed=1, l2_w=1e-3), _scaled(stream, factor))
     np.testing.assert_allclose(scaled, base, rtol=1e-9, atol=1e-12)
     # while AdaGrad's steps are in the units of x: the same change wrecks it
-    adagrad = _run(SparseFM(seed=1, optimizer="adagrad"), stream)
-    adagrad_scaled = _run(SparseFM(seed=1, optimizer="adagrad"), _scaled(stream, factor))
+    adagrad = learn_stream(SparseFM(seed=1, optimizer="adagrad"), stream)
+    adagrad_scaled = learn_stream(SparseFM(seed=1, optimizer="adagrad"), _scaled(stream, factor))
     assert np.max(np.abs(adagrad_scaled - adagrad)) > 0.01
 
 
@@ -82,14 +78,14 @@ def test_a_state_written_before_the_normalized_optimizer_loads_and_continues_exa
     """state_format 1 (bias of two entries) is migrated; the model goes on bit for bit."""
     stream = categorical_stream(600, seed=5)
     old = SparseFM(optimizer="adagrad", learning_rate=0.06, seed=2)
-    _run(old, stream[:300])
+    learn_stream(old, stream[:300])
     arrays, meta = old.export_state()
     v1_arrays = {**arrays, "bias": arrays["bias"][:2]}
     v1_meta = {**meta, "state_format": 1, "config": {
         k: v for k, v in meta["config"].items() if k not in ("bias_learning_rate", "initial_accumulator")
     }}  # fmt: skip
     restored = SparseFM.from_state(v1_arrays, v1_meta)
-    assert np.array_equal(_run(restored, stream[300:]), _run(old, stream[300:]))
+    assert np.array_equal(learn_stream(restored, stream[300:]), learn_stream(old, stream[300:]))
     assert state_equal(restored, old)
 
 
